@@ -17,10 +17,11 @@ from phalanx.config import AttackConfig, ConfigError, load_config
 from phalanx.data import DataError
 from phalanx.presets import list_presets, resolve_config_path
 from phalanx.runs import RunDirError
+from phalanx.tensorboard import TensorboardUnavailable, require_tensorboard
 from phalanx.train.distributed import RankFailed
 from phalanx.train.loop import TrainingDiverged
 
-USAGE_ERRORS = (ConfigError, DataError, RunDirError, CheckpointError, ValueError)
+USAGE_ERRORS = (ConfigError, DataError, RunDirError, CheckpointError, TensorboardUnavailable, ValueError)
 
 
 def _default_out(name: str) -> Path:
@@ -31,8 +32,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from phalanx.train.loop import train
 
     cfg = load_config(resolve_config_path(args.config), args.set)
+    if args.tensorboard:
+        require_tensorboard()
     out = Path(args.out) if args.out else _default_out(cfg.name)
-    train(cfg, out, progress=not args.quiet)
+    train(cfg, out, progress=not args.quiet, tensorboard=args.tensorboard)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         print(out)
     return 0
@@ -95,7 +98,9 @@ def _eval_transfer(args: argparse.Namespace, attacks: list[AttackConfig] | None)
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from phalanx.quickstart import run_quickstart
 
-    run_quickstart(Path(args.out), progress=not args.quiet, echo=print)
+    if args.tensorboard:
+        require_tensorboard()
+    run_quickstart(Path(args.out), progress=not args.quiet, echo=print, tensorboard=args.tensorboard)
     return 0
 
 
@@ -111,8 +116,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from phalanx.reproduce import reproduce
 
+    if args.tensorboard:
+        require_tensorboard()
     reproduce(args.name, Path(args.out), epochs_scale=args.epochs_scale, data_dir=args.data_dir,
-              allow_noncanonical=args.allow_noncanonical, overrides=args.set, progress=not args.quiet)
+              allow_noncanonical=args.allow_noncanonical, overrides=args.set, progress=not args.quiet,
+              tensorboard=args.tensorboard)
     return 0
 
 
@@ -130,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", help="run directory (default: runs/NAME-TIMESTAMP); an existing one resumes")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log training metrics for TensorBoard in RUN_DIR/tensorboard (needs tensorboard)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
@@ -156,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="the main job: train and compare ensembles on the embedded dataset")
     p.add_argument("--out", default="runs/quickstart", help="directory for the runs and the report")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log training metrics for TensorBoard in each run's directory/tensorboard (needs tensorboard)")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
     p.set_defaults(func=cmd_quickstart)
 
@@ -174,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-noncanonical", action="store_true",
                    help="load dataset copies whose checksum differs from the canonical files (with a warning)")
     p.add_argument("--out", default="runs/reproduce", help="root directory for the chain's runs")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log training metrics for TensorBoard in each run's directory/tensorboard (needs tensorboard)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 

@@ -40,8 +40,12 @@ def transfer_eps(docs: dict[str, dict[str, Any]]) -> list[str]:
     return [f"{e:g}" for e in eps]
 
 
-def run_quickstart(out: Path, *, progress: bool = True, echo: Callable[[str], None] = print) -> Path:
-    """Train every quickstart run into `out/<label>`, evaluate it, write `out/report.md`; returns its path."""
+def run_quickstart(out: Path, *, progress: bool = True, echo: Callable[[str], None] = print,
+                   tensorboard: bool = False) -> Path:
+    """Train every quickstart run into `out/<label>`, evaluate it, write `out/report.md`; returns its path.
+
+    `tensorboard`: each run also logs its training metrics to `<run>/tensorboard`.
+    """
     started = time.perf_counter()
     docs: dict[str, dict[str, Any]] = {}
     base_dir = out / "baseline"
@@ -52,14 +56,15 @@ def run_quickstart(out: Path, *, progress: bool = True, echo: Callable[[str], No
         if progress:
             echo(f"[{label}] training {cfg.model.members} x {cfg.model.arch} with {cfg.train.method} "
                  f"for {cfg.train.epochs} epochs on {cfg.data.dataset} -> {run_dir}")
-        train(cfg, run_dir, progress=progress)
+        train(cfg, run_dir, progress=progress, tensorboard=tensorboard)
         if progress:
             echo(f"[{label}] evaluating (white-box)")
         docs[label] = evaluate_run(run_dir, progress=progress)
     surrogate = out / "surrogate"
     if progress:
         echo(f"[surrogate] training a separate baseline ensemble for black-box transfer -> {surrogate}")
-    train(load_config(resolve_config_path("quickstart/surrogate")), surrogate, progress=progress)
+    train(load_config(resolve_config_path("quickstart/surrogate")), surrogate, progress=progress,
+          tensorboard=tensorboard)
     first_cfg = load_config(resolve_config_path(QUICKSTART_RUNS[0][1]))
     transfer_set = craft_transfer_set([surrogate], GAL_TRANSFER_ATTACKS[first_cfg.data.dataset], examples=None,
                                       seed=first_cfg.seed, out_path=out / "transfer", command="phalanx quickstart")

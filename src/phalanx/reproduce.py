@@ -51,20 +51,20 @@ def side_by_side(results: list[dict[str, Any]], paper: dict[str, Any]) -> tuple[
 
 
 def _train_preset(preset: str, out_root: Path, epochs_scale: float, overrides: list[str], progress: bool,
-                  echo: Callable[[str], None]) -> tuple[RunConfig, Path]:
+                  echo: Callable[[str], None], tensorboard: bool = False) -> tuple[RunConfig, Path]:
     """Train one preset of a chain into `out_root/<preset>` (resuming if it is there already)."""
     base = load_config(resolve_config_path(preset))
     cfg = load_config(resolve_config_path(preset),
                       [f"train.epochs={scaled_epochs(base.train.epochs, epochs_scale)}", *overrides])
     run_dir = out_root / preset
     echo(f"[{preset}] {cfg.train.method}: {cfg.model.members} x {cfg.model.arch}, {cfg.train.epochs} epochs -> {run_dir}")
-    train(cfg, run_dir, progress=progress)
+    train(cfg, run_dir, progress=progress, tensorboard=tensorboard)
     return cfg, run_dir
 
 
 def reproduce(name: str, out_root: Path, *, epochs_scale: float = 1.0, data_dir: str | None = None,
               allow_noncanonical: bool = False, overrides: list[str] | None = None, progress: bool = True,
-              echo: Callable[[str], None] = print) -> Path:
+              echo: Callable[[str], None] = print, tensorboard: bool = False) -> Path:
     """Train every preset of `name`'s chain into `out_root/<preset>`, evaluate the last, report."""
     if not epochs_scale > 0:
         raise ValueError(f"--epochs-scale must be > 0, got {epochs_scale}")
@@ -75,13 +75,14 @@ def reproduce(name: str, out_root: Path, *, epochs_scale: float = 1.0, data_dir:
     common += list(overrides or [])
     for preset in preset_chain(name):
         init = [f"train.init_from={previous}"] if previous is not None else []
-        cfg, previous = _train_preset(preset, out_root, epochs_scale, common + init, progress, echo)
+        cfg, previous = _train_preset(preset, out_root, epochs_scale, common + init, progress, echo, tensorboard)
     assert previous is not None and cfg is not None
     if cfg.eval.transfer_from is None:
         doc = evaluate_run(previous, progress=progress)
         kind = "white-box"
     else:
-        _, surrogate = _train_preset(cfg.eval.transfer_from, out_root, epochs_scale, common, progress, echo)
+        _, surrogate = _train_preset(cfg.eval.transfer_from, out_root, epochs_scale, common, progress, echo,
+                                     tensorboard)
         echo(f"[{name}] crafting transfer examples on {surrogate} and evaluating {previous} on them")
         path = craft_transfer_set([surrogate], cfg.eval.attacks, examples=cfg.eval.examples, seed=cfg.seed,
                                   out_path=out_root / "transfer", batch_size=cfg.eval.batch_size,

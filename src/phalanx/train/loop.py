@@ -22,6 +22,7 @@ from phalanx.checkpoint import (
 from phalanx.config import ConfigError, OptimConfig, RunConfig, to_mapping
 from phalanx.data import Augment, DeviceBatches, dataset_info, load_dataset, train_val_split
 from phalanx.files import append_jsonl, remove_temp_files, write_text_atomic
+from phalanx.tensorboard import TensorboardLog
 from phalanx.models import Classifier, mixture_log_probs
 from phalanx.runs import build_members, checkpoint_dir, load_members, locked, metrics_path, prepare_run_dir
 from phalanx.train.api import Batch
@@ -111,22 +112,32 @@ def validate(members: Sequence[Classifier], x_u8: torch.Tensor, y: torch.Tensor,
     }
 
 
-def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True) -> Path:
+def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, tensorboard: bool = False) -> Path:
     """Train the ensemble described by `cfg` into `run_dir`, resuming from its last checkpoint.
 
     Under `torchrun` every rank calls this: data-parallel training (phalanx.train.distributed),
-    with rank 0 alone writing `run_dir`.
+    with rank 0 alone writing `run_dir`. `tensorboard`: also log the metrics to
+    `run_dir/tensorboard` (needs the tensorboard package).
     """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
     with process_group(device) as ctx:
-        if ctx is None:
-            with locked(run_dir):
-                _prepare(run_dir, cfg)
-                return _train_locked(cfg, run_dir, progress, device, None)
         with ExitStack() as stack:
-            ctx.on_main(lambda: (stack.enter_context(locked(run_dir)), _prepare(run_dir, cfg)))
-            return _train_locked(cfg, run_dir, progress and ctx.is_main, ctx.device, ctx)
+            if ctx is None:
+                stack.enter_context(locked(run_dir))
+                _prepare(run_dir, cfg)
+            else:
+                ctx.on_main(lambda: (stack.enter_context(locked(run_dir)), _prepare(run_dir, cfg)))
+            board = None
+            if tensorboard and (ctx is None or ctx.is_main):
+                board = TensorboardLog(run_dir / TENSORBOARD_DIR)
+                stack.callback(board.close)
+            if ctx is None:
+                return _train_locked(cfg, run_dir, progress, device, None, board)
+            return _train_locked(cfg, run_dir, progress and ctx.is_main, ctx.device, ctx, board)
+
+
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _prepare(run_dir: Path, cfg: RunConfig) -> None:
@@ -147,7 +158,7 @@ class _EpochProgress:
 
 
 def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.device,
-                  ctx: DistContext | None) -> Path:
+                  ctx: DistContext | None, board: TensorboardLog | None = None) -> Path:
     info = dataset_info(cfg.data.dataset)
     data = load_training_data(cfg)
     if cfg.train.batch_size > len(data.train_y):
@@ -231,6 +242,9 @@ def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.d
             steps += 1
             if progress:
                 bar.set_postfix(loss=f"{sum(sums) / steps / len(members):.3f}")
+            if board is not None:
+                board.batch_loss(epoch * len(batches) + steps, sum(sums) / steps / len(members),
+                                 epoch_end=steps == len(batches))
             if every and (epoch * len(batches) + steps) % every == 0 and steps < len(batches):
                 done = _EpochProgress(steps, sums, state.seconds + time.perf_counter() - started,
                                       state.rng_epoch_start)
@@ -249,6 +263,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.d
             if every_diag and (epoch + 1) % every_diag == 0 and hasattr(method, "diagnostics"):
                 record["diagnostics"] = method.diagnostics(members, data.val_x, data.val_y, rng)
             append_jsonl(metrics_path(run_dir), record)
+            if board is not None:
+                board.epoch(record)
             _save(run_dir, cfg, epoch + 1, members, optimizer, rng, info.name, method=method)
             return record
 
