@@ -119,3 +119,28 @@ def test_init_from_starts_from_another_runs_weights(tmp_path):
     child = train(cfg, tmp_path / "child", progress=False)
     a, b = _weights(base), _weights(child)
     assert torch.allclose(a["member0.stages.logits.weight"], b["member0.stages.logits.weight"], atol=1e-6)
+
+
+def test_bfloat16_precision_runs_the_method_under_autocast_and_keeps_float32_weights(tmp_path, monkeypatch):
+    seen = []
+    from phalanx.train.baseline import Baseline
+
+    real_loss = Baseline.loss
+
+    def spy(self, members, batch, rng):
+        out = real_loss(self, members, batch, rng)
+        seen.append(members[0](batch.x[:2]).dtype)
+        return out
+
+    monkeypatch.setattr(Baseline, "loss", spy)
+    run = train(_cfg("train.precision=bfloat16", "train.epochs=2"), tmp_path / "bf16", progress=False)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(t.dtype == torch.float32 for k, t in _weights(run).items() if k.startswith("member"))
+    metrics = read_metrics(run)
+    assert metrics[-1]["train_loss"][0] < metrics[0]["train_loss"][0]
+    assert metrics[-1]["val_mixture_acc"] > 0.3
+
+
+def test_an_unknown_precision_names_the_allowed_ones():
+    with pytest.raises(ConfigError, match="train.precision.*float32.*bfloat16"):
+        _cfg("train.precision=float16")

@@ -6,6 +6,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+import contextlib
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,13 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device = {name!r} asked for, but no CUDA device is available; use cpu or auto")
     return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context of `train.precision` (a no-op for float32)."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def lr_at(epoch: int, base_lr: float, cfg: OptimConfig, epochs: int) -> float:
@@ -228,7 +236,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.d
         for item in bar:
             batch = Batch(*item)
             if ctx is None:
-                out = method.loss(members, batch, rng)
+                with autocast(device, cfg.train.precision):
+                    out = method.loss(members, batch, rng)
                 if not torch.isfinite(out.loss):
                     _diverged(float(out.loss.detach()), epoch, steps, run_dir)
                 optimizer.zero_grad(set_to_none=True)
@@ -236,7 +245,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.d
                 member_losses = out.member_losses
             else:
                 member_losses = _distributed_backward(ctx, method, members, params, optimizer, batch, rng,
-                                                      epoch, steps, run_dir)
+                                                      epoch, steps, run_dir, cfg.train.precision)
             optimizer.step()
             sums = [s + v for s, v in zip(sums, member_losses)]
             steps += 1
@@ -285,7 +294,8 @@ def _diverged(value: float, epoch: int, steps: int, run_dir: Path) -> None:
 
 def _distributed_backward(ctx: DistContext, method: Any, members: Sequence[Classifier],
                           params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, batch: Batch,
-                          rng: torch.Generator, epoch: int, steps: int, run_dir: Path) -> list[float]:
+                          rng: torch.Generator, epoch: int, steps: int, run_dir: Path,
+                          precision: str = "float32") -> list[float]:
     """This rank's share of one step: loss and gradients on its shard, then the global average.
 
     Weighting each rank's mean-reduced gradient by its share of the global batch and summing
@@ -296,7 +306,8 @@ def _distributed_backward(ctx: DistContext, method: Any, members: Sequence[Class
     optimizer.zero_grad(set_to_none=True)
     member_losses, bad = [0.0] * len(members), 0.0
     if len(local.y):
-        out = method.loss(members, local, rng)
+        with autocast(ctx.device, precision):
+            out = method.loss(members, local, rng)
         if torch.isfinite(out.loss):
             out.loss.backward()
             member_losses = [v * weight for v in out.member_losses]
