@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"
+	# the independent attack check (tests/eval/test_crosscheck_torchattacks.py): torchattacks declares
+	# torchvision, which it never imports and which would pull another torch build, hence --no-deps
+	$(BIN)/pip install --quiet --no-deps "torchattacks==3.5.1"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,6 +1,7 @@
 """Attack throughput: images per second of PGD-10 (Linf) against a 3-member Mixture.
 
-    python -m benchmarks.attacks --arch conv --members 3 --batch-size 256 --iters 5 [--device cuda]
+    python -m benchmarks.attacks --arch conv --members 3 --batch-size 256 --iters 5 [--device cuda] \
+        [--impl phalanx|torchattacks]
 
 Random CIFAR-shaped data (timing does not depend on pixel values). Prints one line per
 iteration, then, as its last line, one JSON object with images_per_sec_median.
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--impl", choices=["phalanx", "torchattacks"], default="phalanx",
+                   help="whose PGD to time (torchattacks: pip install --no-deps torchattacks scipy)")
     args = p.parse_args(argv)
     if args.members < 1 or args.batch_size < 1 or args.iters < 1 or args.steps < 1:
         p.error("--members, --batch-size, --iters and --steps must be >= 1")
@@ -38,18 +41,26 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     x = torch.rand(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(10, (args.batch_size,), device=device)
     gen = torch.Generator(device=device).manual_seed(0)
-    pgd(mixture, x, y, eps=8 / 255, alpha=2 / 255, steps=1, generator=gen)  # warm-up
+    if args.impl == "torchattacks":
+        import torchattacks
+
+        def attack(steps: int) -> torch.Tensor:
+            return torchattacks.PGD(mixture, eps=8 / 255, alpha=2 / 255, steps=steps, random_start=True)(x, y)
+    else:
+        def attack(steps: int) -> torch.Tensor:
+            return pgd(mixture, x, y, eps=8 / 255, alpha=2 / 255, steps=steps, generator=gen)
+    attack(1)  # warm-up
     rates = []
     for i in range(args.iters):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        pgd(mixture, x, y, eps=8 / 255, alpha=2 / 255, steps=args.steps, generator=gen)
+        attack(args.steps)
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates.append(args.batch_size / (time.perf_counter() - t))
         print(f"iter {i + 1}/{args.iters}: {rates[-1]:.1f} images/s")
-    result = {"attack": f"pgd-linf-{args.steps}", "arch": args.arch, "members": args.members,
+    result = {"attack": f"pgd-linf-{args.steps}", "impl": args.impl, "arch": args.arch, "members": args.members,
               "batch_size": args.batch_size, "device": str(device), "threads": torch.get_num_threads(),
               "images_per_sec_median": round(statistics.median(rates), 1), "torch": torch.__version__}
     print(json.dumps(result))
