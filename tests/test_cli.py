@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -22,12 +23,32 @@ def test_train_then_eval_prints_the_table_and_writes_json(tmp_path, capsys):
         assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 64
 
 
+def test_analyze_prints_coherence_and_gaas_tables_and_writes_json(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "quickstart/baseline", "--out", str(run), "--quiet", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--quiet", "--examples", "30", "--gaas-k", "4", "--gaas-k", "16",
+                 "--gaas-eps", "0.2"]) == 0
+    out = capsys.readouterr().out
+    path = run / "analysis" / "gradients.json"
+    doc = json.loads(path.read_text())
+    mean = doc["coherence_summary"]["mean"]
+    assert "coherence (max pairwise cosine)" in out and re.search(rf"^mean +{mean:.3f}$", out, re.M)
+    assert "GAAS of the mixture" in out and "eps 0.2" in out
+    assert [(r["k"], r["eps"]) for r in doc["gaas"]["results"]] == [(4, 0.2), (16, 0.2)]
+    assert out.rstrip().endswith(str(path)) and doc["n"] == 30
+    assert main(["analyze", str(run), "--quiet", "--examples", "10", "--no-gaas"]) == 0
+    out = capsys.readouterr().out
+    assert "GAAS of the mixture" not in out and "GAAS skipped" in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "no/such.yaml"], "neither a file nor a preset"),
     (["train", "quickstart/baseline", "--set", "train.epocs=2"], "unknown key in train 'epocs'"),
     (["train", "quickstart/baseline", "--set", "model.arch=vgg"], "model.arch = 'vgg' is not allowed"),
     (["train", "quickstart/baseline", "--set", "data.dataset=imagenet"], "imagenet"),
     (["eval", "not-a-run"], "not a phalanx run directory"),
+    (["analyze", "not-a-run"], "not a phalanx run directory"),
 ])
 def test_usage_errors_exit_2_with_one_clear_line(tmp_path, capsys, argv, message):
     argv = [a.replace("not-a-run", str(tmp_path)) for a in argv]

@@ -95,6 +95,39 @@ def _eval_transfer(args: argparse.Namespace, attacks: list[AttackConfig] | None)
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from phalanx.eval.analysis import GAAS_KS, analysis_path, analyze_run
+    from phalanx.eval.tables import text_table
+    from phalanx.runs import read_run_config
+
+    for run_dir in args.run_dirs:  # refuse a bad directory before the first analysis runs
+        read_run_config(run_dir)
+    ks = () if args.no_gaas else tuple(args.gaas_k or GAAS_KS)
+    for run_dir in args.run_dirs:
+        doc = analyze_run(run_dir, examples=args.examples, gaas_ks=ks, gaas_eps=args.gaas_eps,
+                          device=args.device, progress=not args.quiet)
+        print(f"{doc['run']} ({doc['dataset']}, epoch {doc['epoch']}): gradient alignment of "
+              f"{doc['members']} members on {doc['n']} test examples")
+        summary = doc["coherence_summary"]
+        if summary:
+            print(text_table(["coherence (max pairwise cosine)", "value"], [
+                ["mean", f"{summary['mean']:.3f}"], ["median", f"{summary['median']:.3f}"],
+                ["examples > 0.5 (%)", f"{100 * summary['fraction_above_0.5']:.1f}"]]))
+        if doc["gaas"]:
+            eps_values = doc["gaas"]["eps_values"]
+            p_all = {(r["k"], r["eps"]): r["p_all"] for r in doc["gaas"]["results"]}
+            print(f"\nGAAS of the mixture: P(all k directions adversarial) (%), "
+                  f"{doc['gaas']['n']} correctly classified examples")
+            print(text_table(["k", *(f"eps {e:g}" for e in eps_values)],
+                             [[str(k), *(f"{100 * p_all[(k, e)]:.1f}" for e in eps_values)]
+                              for k in doc["gaas"]["ks"]]))
+        for note in doc["notes"]:
+            print(f"note: {note}")
+        print()
+    print("results:", *(analysis_path(d) for d in args.run_dirs), sep="\n")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from phalanx.quickstart import run_quickstart
 
@@ -163,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the transfer set's random starts")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="the GAL paper's gradient analyses: coherence histograms and GAAS")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--examples", type=int, default=1000,
+                   help="the first N test examples (default 1000, or all when fewer)")
+    p.add_argument("--gaas-k", action="append", type=int, metavar="K",
+                   help="GAAS number of directions (repeatable; default 4, 16, 36, 64: 4^m or 36 * 4^m)")
+    p.add_argument("--gaas-eps", action="append", type=float, metavar="E",
+                   help="GAAS eps in pixel units [0, 1] (repeatable; default 0.03/0.06/0.09 on cifar10, "
+                        "else 0.1/0.2/0.3)")
+    p.add_argument("--no-gaas", action="store_true", help="coherence only, no GAAS")
+    p.add_argument("--device", help="cpu, cuda or auto (default: the run's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("quickstart", help="the main job: train and compare ensembles on the embedded dataset")
     p.add_argument("--out", default="runs/quickstart", help="directory for the runs and the report")

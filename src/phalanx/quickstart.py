@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from phalanx.config import load_config
+from phalanx.eval.analysis import analyze_run
 from phalanx.eval.run_eval import evaluate_run
 from phalanx.eval.tables import accuracy_table, paired_eps_table, text_table
 from phalanx.eval.transfer import GAL_TRANSFER_ATTACKS, craft_transfer_set, evaluate_transfer
@@ -21,6 +22,10 @@ QUICKSTART_RUNS: tuple[tuple[str, str, bool], ...] = (
     ("dverge", "quickstart/dverge", True),
     ("gal", "quickstart/gal", False),
 )
+
+# GAAS without the paper's k = 64: on the 16x16 digits it found ~0% and cost as much as k = 4, 16, 36
+# together (see the GAAS curves of a quickstart report).
+QUICKSTART_GAAS_KS = (4, 16, 36)
 
 
 def comparison_rows(docs: dict[str, dict[str, Any]], table: Callable = accuracy_table
@@ -42,7 +47,8 @@ def transfer_eps(docs: dict[str, dict[str, Any]]) -> list[str]:
 
 def run_quickstart(out: Path, *, progress: bool = True, echo: Callable[[str], None] = print,
                    tensorboard: bool = False) -> Path:
-    """Train every quickstart run into `out/<label>`, evaluate it, write `out/report.md`; returns its path.
+    """Train every quickstart run into `out/<label>`, evaluate and analyze it (white-box accuracy, the GAL
+    paper's gradient analyses), write `out/report.md`; returns its path.
 
     `tensorboard`: each run also logs its training metrics to `<run>/tensorboard`.
     """
@@ -60,6 +66,9 @@ def run_quickstart(out: Path, *, progress: bool = True, echo: Callable[[str], No
         if progress:
             echo(f"[{label}] evaluating (white-box)")
         docs[label] = evaluate_run(run_dir, progress=progress)
+        if progress:
+            echo(f"[{label}] gradient alignment and GAAS (GAL paper Figures 4-5)")
+        analyze_run(run_dir, gaas_ks=QUICKSTART_GAAS_KS, progress=progress)
     surrogate = out / "surrogate"
     if progress:
         echo(f"[surrogate] training a separate baseline ensemble for black-box transfer -> {surrogate}")

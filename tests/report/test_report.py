@@ -227,3 +227,101 @@ def test_l2_radii_are_plain_numbers_and_kindless_whitebox_files_count_as_white_b
     assert _markdown_row(md, "model") == ["model", "pgd-l2 0.5", "pgd-l2 1"]
     assert "White-box accuracy (%)" in md
     _assert_png(tmp_path / "out" / "figures" / "l2-robustness.png")
+
+
+# ---------------------------------------------------------------- gradient alignment (GAL paper)
+
+GAAS_KS, GAAS_EPS = (4, 16, 36, 64), (0.03, 0.06, 0.09)
+
+
+def _gradients(coherence, members=3):
+    """An analysis/gradients.json as `phalanx analyze` writes it (numbers made up)."""
+    results = [{"k": k, "eps": e, "p_all": round(0.9 / (1 + k * e), 4), "p_at_least": [0.9] * k}
+               for k in GAAS_KS for e in GAAS_EPS]
+    mean = sum(coherence) / len(coherence)
+    return {"kind": "gradient-alignment", "run": "x", "epoch": 4, "dataset": "cifar10", "n": len(coherence),
+            "members": members, "pairs": [[0, 1], [0, 2], [1, 2]], "coherence": coherence,
+            "gal": [c + 1.0 for c in coherence], "mean_cosine_per_pair": [0.1, 0.2, 0.3],
+            "coherence_summary": {"mean": mean, "median": sorted(coherence)[len(coherence) // 2],
+                                  "fraction_above_0.5": sum(c > 0.5 for c in coherence) / len(coherence)},
+            "gaas": {"n": 90, "ks": list(GAAS_KS), "eps_values": list(GAAS_EPS), "results": results},
+            "notes": []}
+
+
+def _add_gradients(run, doc):
+    (run / "analysis").mkdir(exist_ok=True)
+    text = doc if isinstance(doc, str) else json.dumps(doc)
+    (run / "analysis" / "gradients.json").write_text(text)
+    return run
+
+
+@pytest.fixture(scope="module")
+def analyzed_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analyzed")
+    base = _make_run(root, "t_base", "baseline")
+    div = _make_run(root, "t_div", "gal")
+    _add_gradients(base, _gradients([0.6 + 0.004 * i for i in range(100)]))
+    _add_gradients(div, _gradients([-0.3 + 0.005 * i for i in range(100)]))
+    return base, div
+
+
+def test_an_analyzed_run_gets_both_figures_and_tables_that_match_the_json(analyzed_runs, tmp_path):
+    run = analyzed_runs[0]
+    doc = json.loads((run / "analysis" / "gradients.json").read_text())
+    md = write_report([run], tmp_path)[0].read_text()
+    section = md.split("### Gradient alignment (GAL paper)")[1]
+    for kind in ("coherence", "gaas"):
+        _assert_png(tmp_path / "figures" / f"t_base-{kind}.png")
+        assert f"(figures/t_base-{kind}.png)" in section
+    summary = doc["coherence_summary"]
+    assert _markdown_row(section, "mean coherence")[1] == f"{summary['mean']:.3f}"
+    above = _markdown_row(section, "examples with coherence > 0.5 (%)")[1]
+    assert above == f"{100 * summary['fraction_above_0.5']:.1f}"
+    assert _markdown_row(section, "mean cosine, members 2 and 3")[1] == "0.300"
+    assert _markdown_row(section, "k") == ["k", "ε = 0.03 (7.65/255)", "ε = 0.06 (15.3/255)",
+                                           "ε = 0.09 (22.95/255)"]
+    p_all = {(r["k"], r["eps"]): r["p_all"] for r in doc["gaas"]["results"]}
+    for k in GAAS_KS:
+        assert _markdown_row(section, str(k))[1:] == [f"{100 * p_all[(k, e)]:.1f}" for e in GAAS_EPS]
+    assert "no analysis/gradients.json" not in md
+
+
+def test_the_comparison_overlays_the_runs_coherence_histograms(analyzed_runs, tmp_path):
+    md = write_report(list(analyzed_runs), tmp_path)[0].read_text()
+    comparison = md.split("## Comparison of the mixtures")[1].split("## Run:")[0]
+    assert "(figures/comparison-coherence.png)" in comparison
+    _assert_png(tmp_path / "figures" / "comparison-coherence.png")
+    table = comparison.split("### Gradient alignment")[1]
+    for run in analyzed_runs:
+        summary = json.loads((run / "analysis" / "gradients.json").read_text())["coherence_summary"]
+        assert _markdown_row(table, run.name)[3:5] == [f"{summary['mean']:.3f}", f"{summary['median']:.3f}"]
+
+
+def test_runs_without_analysis_say_so_and_the_comparison_skips_the_histogram(report):
+    md = report[0].read_text()
+    assert "no analysis/gradients.json" in md and "overlaid histogram skipped" in md
+    assert "coherence.png" not in md
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "analysis/gradients.json could not be read (JSONDecodeError)"),
+    ("[1, 2]", "analysis/gradients.json is not a JSON object"),
+    ({"coherence": "high", "gaas": {"results": [{"k": 4}]}},
+     "holds neither a coherence list nor GAAS results"),
+])
+def test_a_malformed_gradients_json_is_reported_missing_not_a_crash(tmp_path, content, message):
+    run = _add_gradients(_make_run(tmp_path, "broken", "gal"), content)
+    assert read_run_data(run).analysis is None
+    md = write_report([run], tmp_path / "out")[0].read_text()
+    assert message in md and "No usable analysis/gradients.json" in md
+    assert not list((tmp_path / "out" / "figures").glob("*-coherence.png"))
+
+
+def test_a_malformed_part_is_skipped_and_the_rest_is_shown(tmp_path):
+    doc = _gradients([0.1, 0.2, 0.3])
+    doc["coherence"] = [0.1, "x"]
+    run = _add_gradients(_make_run(tmp_path, "half", "gal"), doc)
+    md = write_report([run], tmp_path / "out")[0].read_text()
+    assert "malformed `coherence` list" in md and "Coherence histogram skipped" in md
+    _assert_png(tmp_path / "out" / "figures" / "half-gaas.png")
+    assert not (tmp_path / "out" / "figures" / "half-coherence.png").exists()

@@ -1,4 +1,5 @@
-"""Report figures as PNG bytes: loss curves, robustness curves, transferability heatmaps.
+"""Report figures as PNG bytes: loss curves, robustness curves, transferability heatmaps, and the
+GAL paper's coherence histograms (its Figure 4) and GAAS curves (its Figure 5).
 
 Each function draws on its own `Figure` with the Agg canvas (no pyplot, no global backend
 state), so it can run in any process. Figures must read in grey-scale: every line has its own
@@ -191,5 +192,65 @@ def heatmap_figure(matrix: Sequence[Sequence[float]], *, title: str, colorbar_la
     ax.set_yticks(range(n_rows), [f"member {i + 1}" for i in range(n_rows)])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+COHERENCE_BIN = 0.05  # histogram bin width on the coherence axis [-1, 1]
+
+
+def coherence_histogram_figure(series: Sequence[tuple[str, Sequence[float]]], *, title: str) -> bytes:
+    """Per-example coherence (max pairwise cosine of the members' input gradients, GAL paper eq. 7)
+    as the % of examples per 0.05 bin on [-1, 1]: one step line per (label, values) series, so
+    several runs overlay as in the paper's Figure 4. Values outside [-1, 1] (rounding) are clipped.
+    """
+    import numpy as np
+
+    edges = np.linspace(-1.0, 1.0, round(2 / COHERENCE_BIN) + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    fig = _new_figure(7.0, 4.2)
+    ax = fig.subplots()
+    single = len(series) == 1
+    for (label, values), (ls, mk) in zip(series, cycle(_STYLES)):
+        counts, _ = np.histogram(np.clip(np.asarray(values, dtype=float), -1.0, 1.0), bins=edges)
+        pct = 100.0 * counts / max(len(values), 1)
+        if single:
+            ax.bar(centers, pct, width=COHERENCE_BIN, color="0.75", edgecolor="black", linewidth=0.8,
+                   label=f"{label} (n = {len(values)})")
+        else:
+            shown = pct > 0  # markers only where there are examples, so empty bins stay quiet
+            ax.step(centers, pct, where="mid", linestyle=ls, linewidth=1.8, marker=mk, markersize=5,
+                    markevery=list(np.flatnonzero(shown)), label=f"{label} (n = {len(values)})")
+    ax.set_xlim(-1.0, 1.0)
+    ax.set_ylim(bottom=0)
+    ax.set_xticks(np.linspace(-1.0, 1.0, 9))
+    ax.set_xlabel("coherence = max pairwise cosine of members' input gradients")
+    ax.set_ylabel(f"examples (%) per bin of {COHERENCE_BIN:g}")
+    ax.axvline(0.0, color="0.5", linewidth=0.8, linestyle=":")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def gaas_figure(results: Sequence[Mapping], *, title: str) -> bytes:
+    """GAAS (GAL paper Figure 5): P(all k gradient-aligned orthogonal directions are adversarial) in %
+    against k, one line per eps labelled in the papers' pixel scale (x/255)."""
+    by_eps: dict[float, dict[int, float]] = {}
+    for r in results:
+        by_eps.setdefault(float(r["eps"]), {})[int(r["k"])] = float(r["p_all"])
+    fig = _new_figure(7.0, 4.2)
+    ax = fig.subplots()
+    for (eps, pts), (ls, mk) in zip(sorted(by_eps.items()), cycle(_STYLES)):
+        ks = sorted(pts)
+        ax.plot(ks, [100 * pts[k] for k in ks], linestyle=ls, marker=mk, linewidth=2.0, markersize=6.5,
+                label=f"ε = {eps_label(eps)}")
+    ax.set_xticks(sorted({int(r["k"]) for r in results}))
+    top = max((100 * float(r["p_all"]) for r in results), default=0.0)
+    ax.set_ylim(bottom=-0.02 * max(10.0, top), top=min(102.0, max(10.0, 1.15 * top)))  # small p stay visible
+    ax.set_xlabel("k (number of orthogonal gradient-aligned directions)")
+    ax.set_ylabel("P(all k directions adversarial) (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, title="L∞ radius (pixel scale)", title_fontsize=8, loc="best")
     ax.set_title(title, fontsize=10)
     return _png(fig)

@@ -1,9 +1,12 @@
 """The run report: Markdown and self-contained HTML made from run directories' files alone.
 
-Reads `config.yaml`, `metrics.jsonl` and `eval/*.json` (never a checkpoint), builds the DVERGE
-model-mixture report's material (loss curves as its Figures 2-4, accuracy tables in the layout
-of its Tables 1-3) plus robustness curves, transferability heatmaps and a side-by-side comparison
-of the runs' mixtures. A missing or unreadable file skips what needs it and the report says so.
+Reads `config.yaml`, `metrics.jsonl`, `eval/*.json` and `analysis/gradients.json` (never a
+checkpoint), builds the DVERGE model-mixture report's material (loss curves as its Figures 2-4,
+accuracy tables in the layout of its Tables 1-3) plus robustness curves, transferability heatmaps,
+the GAL paper's gradient analyses (coherence histograms as its Figure 4, GAAS curves as its
+Figure 5; written by `phalanx analyze`) and a side-by-side comparison of the runs' mixtures with
+their coherence histograms overlaid. A missing or unreadable file skips what needs it and the
+report says so.
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ WARN = "⚠"
 WHITE_BOX = "white-box"
 LOSS_CAPTION = ("Training loss of each member (left), validation loss (middle) and accuracy (right) of each "
                 "member and of the mixture, against epochs.")
+GRADIENT_HEADING = "Gradient alignment (GAL paper)"
+COHERENCE_TEXT = ("Coherence is the largest cosine similarity between two members' gradients (GAL paper "
+                  "eq. 7): near 1, one perturbation fools the members together; near 0 or below, their weak "
+                  "spots differ.")
+COHERENCE_CAPTION = ("Coherence per test example (GAL paper Figure 4): % of examples per bin of width 0.05 "
+                     "on [-1, 1].")
+GAAS_CAPTION = ("GAAS (GAL paper Figure 5): probability that all k orthogonal L∞ directions aligned with the "
+                "mixture's input gradient are adversarial, against k, one line per ε.")
 CURVES_CAPTION = ("Accuracy against ε for each attack evaluated at several ε (ε = 0 is clean accuracy): the "
                   "mixture as the thick line, members thin and grey.")
 
@@ -46,6 +57,7 @@ class RunData:
     metrics: list[dict[str, Any]]
     evals: list[tuple[str, dict[str, Any]]]  # (file name, document with valid `results` only)
     missing: list[str] = field(default_factory=list)
+    analysis: dict[str, Any] | None = None  # analysis/gradients.json with only its usable parts
 
 
 def read_run_data(run_dir: str | Path) -> RunData:
@@ -57,8 +69,9 @@ def read_run_data(run_dir: str | Path) -> RunData:
     config = _read_config(path / "config.yaml", missing)
     metrics = _read_metrics(path / "metrics.jsonl", missing)
     evals = _read_evals(path / "eval", missing)
+    analysis = _read_analysis(path / "analysis" / "gradients.json", missing)
     name = str(config.get("name") or path.name)
-    return RunData(path, name, config, metrics, evals, missing)
+    return RunData(path, name, config, metrics, evals, missing, analysis)
 
 
 def _read_config(path: Path, missing: list[str]) -> dict[str, Any]:
@@ -125,6 +138,39 @@ def _read_evals(eval_dir: Path, missing: list[str]) -> list[tuple[str, dict[str,
         else:
             missing.append(f"eval/{file.name} holds no usable record: skipped")
     return docs
+
+
+def _read_analysis(path: Path, missing: list[str]) -> dict[str, Any] | None:
+    """`phalanx analyze`'s document keeping only well-formed parts: `coherence` (finite numbers) and
+    `gaas` (results with numeric k, eps, p_all); None when neither is usable."""
+    skipped = "gradient-alignment figures skipped"
+    if not path.is_file():
+        missing.append(f"no analysis/gradients.json: {skipped} (run `phalanx analyze` on this run directory)")
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        missing.append(f"analysis/gradients.json could not be read ({type(err).__name__}): {skipped}")
+        return None
+    if not isinstance(doc, dict):
+        missing.append(f"analysis/gradients.json is not a JSON object: {skipped}")
+        return None
+    coh = doc.get("coherence")
+    usable = isinstance(coh, list) and bool(coh) and all(map(_is_number, coh))
+    if coh is not None and not usable:
+        missing.append("analysis/gradients.json: malformed `coherence` list, coherence histogram skipped")
+    coh = [float(v) for v in coh] if usable else None
+    gaas = doc.get("gaas")
+    results = gaas.get("results") if isinstance(gaas, dict) else None
+    results = results if isinstance(results, list) else []
+    results = [r for r in results
+               if isinstance(r, dict) and all(_is_number(r.get(k)) for k in ("k", "eps", "p_all"))]
+    if gaas is not None and not results:
+        missing.append("analysis/gradients.json: malformed `gaas` results, GAAS curves skipped")
+    if coh is None and not results:
+        missing.append(f"analysis/gradients.json holds neither a coherence list nor GAAS results: {skipped}")
+        return None
+    return {**doc, "coherence": coh, "gaas": {**gaas, "results": results} if results else None}
 
 
 def _clean_record(rec: Any, doc: Mapping[str, Any], file: Path) -> dict[str, Any] | None:
@@ -494,7 +540,79 @@ def _run_blocks(run: RunData, slug: str) -> list[Block]:
                                      xlabel="member j", ylabel="member i")
         blocks.append(Image(f"figures/{slug}-vulnerability-diversity.png", png,
                             f"Vulnerability diversity between members i and j, epoch {epoch:g}."))
+    return blocks + _gradient_blocks(run, slug)
+
+
+def _gradient_blocks(run: RunData, slug: str) -> list[Block]:
+    """GAL paper Figures 4 and 5 for one run, with their numbers, from `analysis/gradients.json`."""
+    blocks: list[Block] = [Heading(3, GRADIENT_HEADING)]
+    doc = run.analysis
+    if doc is None:
+        return blocks + [Text("No usable analysis/gradients.json: coherence histogram and GAAS curves "
+                              "skipped (run `phalanx analyze` on this run directory).", missing=True)]
+    about = [f"checkpoint of epoch {doc['epoch']:g}"] if _is_number(doc.get("epoch")) else []
+    if _is_number(doc.get("members")):
+        about.append(f"{doc['members']:g} members")
+    first = f"first {doc['n']:g} " if _is_number(doc.get("n")) else "first "
+    blocks.append(Text(f"Input gradients of the members' cross-entropy on the {first}test examples"
+                       + (f" ({', '.join(about)})" if about else "") + ". " + COHERENCE_TEXT))
+    notes = doc.get("notes")
+    if isinstance(notes, list) and notes:
+        blocks.append(Text("Notes from `phalanx analyze`: " + "; ".join(map(str, notes)) + "."))
+    coh = doc["coherence"]
+    if coh is not None:
+        png = figures.coherence_histogram_figure([(run.name, coh)],
+                                                 title=f"{run.name}: coherence per test example")
+        blocks.append(Image(f"figures/{slug}-coherence.png", png, COHERENCE_CAPTION))
+        blocks.append(_coherence_table(doc))
+    else:
+        blocks.append(Text("Coherence histogram skipped: no usable coherence list.", missing=True))
+    gaas = doc["gaas"]
+    if gaas is not None:
+        png = figures.gaas_figure(gaas["results"], title=f"{run.name}: GAAS of the mixture")
+        n = gaas.get("n")
+        blocks.append(Image(f"figures/{slug}-gaas.png", png, GAAS_CAPTION + (
+            f" Over the {n:g} examples the mixture classifies correctly." if _is_number(n) else "")))
+        blocks.append(_gaas_table(gaas["results"]))
+    else:
+        blocks.append(Text("GAAS skipped: no GAAS results in analysis/gradients.json.", missing=True))
     return blocks
+
+
+def _coherence_table(doc: Mapping[str, Any]) -> Table:
+    """Mean/median coherence, the strongly aligned fraction, mean GAL and each pair's mean cosine."""
+    coh = doc["coherence"]
+    summary = doc.get("coherence_summary") if isinstance(doc.get("coherence_summary"), dict) else {}
+    rows = [["examples", f"{len(coh)}"], ["mean coherence", _num(summary.get("mean"))],
+            ["median coherence", _num(summary.get("median"))],
+            ["examples with coherence > 0.5 (%)", _num(summary.get("fraction_above_0.5"), percent=True)]]
+    gal = doc.get("gal")
+    if isinstance(gal, list) and gal and all(map(_is_number, gal)):
+        rows.append(["mean GAL (eq. 8)", _num(sum(gal) / len(gal))])
+    pairs, cosines = doc.get("pairs"), doc.get("mean_cosine_per_pair")
+    if isinstance(pairs, list) and isinstance(cosines, list) and len(pairs) == len(cosines):
+        for pair, cos in zip(pairs, cosines):
+            if isinstance(pair, list) and len(pair) == 2 and all(isinstance(i, int) for i in pair):
+                rows.append([f"mean cosine, members {pair[0] + 1} and {pair[1] + 1}", _num(cos)])
+    return Table(["statistic", "value"], rows, "Coherence: max pairwise cosine of the members' input "
+                 "gradients per example (GAL paper eq. 7); GAL: its smooth maximum (eq. 8).", bold_row=None)
+
+
+def _gaas_table(results: Sequence[Mapping[str, Any]]) -> Table:
+    """P(all k directions adversarial) in %, one row per k, one column per eps."""
+    eps_values = sorted({float(r["eps"]) for r in results})
+    cells = {(int(r["k"]), float(r["eps"])): f"{100 * r['p_all']:.1f}" for r in results}
+    ks = sorted({k for k, _ in cells})
+    return Table(["k", *(f"ε = {e:g} ({eps_label(e)})" for e in eps_values)],
+                 [[str(k), *(cells.get((k, e), "—") for e in eps_values)] for k in ks],
+                 "GAAS of the mixture: P(all k orthogonal gradient-aligned directions are adversarial) (%).",
+                 bold_row=None)
+
+
+def _num(value: Any, *, percent: bool = False) -> str:
+    if not _is_number(value):
+        return "—"
+    return f"{100 * value:.1f}" if percent else f"{value:.3f}"
 
 
 def _comparison_blocks(runs: Sequence[RunData]) -> list[Block]:
@@ -507,7 +625,7 @@ def _comparison_blocks(runs: Sequence[RunData]) -> list[Block]:
     all_records = [r for _, recs in per_run for r in recs]
     if not all_records:
         blocks.append(Text("No run has white-box results for its mixture: comparison skipped.", missing=True))
-        return blocks
+        return blocks + _coherence_comparison(runs)
     cols = _columns(all_records)
     rows, footnotes, notes = [], [], []
     for run, records in per_run:
@@ -537,6 +655,33 @@ def _comparison_blocks(runs: Sequence[RunData]) -> list[Block]:
                                         title="Mixtures compared: white-box accuracy against ε")
         blocks.append(Image("figures/comparison-robustness.png", png,
                             "White-box accuracy of each run's mixture against ε (ε = 0 is clean accuracy)."))
+    return blocks + _coherence_comparison(runs)
+
+
+def _coherence_comparison(runs: Sequence[RunData]) -> list[Block]:
+    """The runs' coherence histograms overlaid: the GAL paper's Figure 4 (T_Base against T_Div)."""
+    blocks: list[Block] = [Heading(3, GRADIENT_HEADING)]
+    series = [(run.name, run.analysis["coherence"]) for run in runs
+              if run.analysis is not None and run.analysis["coherence"] is not None]
+    if not series:
+        return blocks + [Text("No run has a coherence list in analysis/gradients.json: overlaid histogram "
+                              "skipped (run `phalanx analyze` on the run directories).", missing=True)]
+    left_out = [run.name for run in runs if run.name not in {name for name, _ in series}]
+    png = figures.coherence_histogram_figure(series, title="Coherence per test example, runs compared")
+    blocks.append(Image("figures/comparison-coherence.png", png, COHERENCE_CAPTION + " One line per run"
+                        + (f"; without a coherence list: {', '.join(left_out)}." if left_out else ".")))
+    rows = []
+    for run in runs:
+        if run.analysis is None or run.analysis["coherence"] is None:
+            continue
+        summary = run.analysis.get("coherence_summary")
+        summary = summary if isinstance(summary, dict) else {}
+        rows.append([run.name, str(_get(run.config, "train.method") or "—"),
+                     str(len(run.analysis["coherence"])), _num(summary.get("mean")),
+                     _num(summary.get("median")), _num(summary.get("fraction_above_0.5"), percent=True)])
+    blocks.append(Table(["run", "method", "examples", "mean coherence", "median coherence",
+                         "coherence > 0.5 (%)"], rows, "Coherence of each run's members (GAL paper eq. 7).",
+                        bold_row=None))
     return blocks
 
 
@@ -633,9 +778,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
                  ) -> tuple[Path, Path]:
     """Write `out_dir/report.md`, a self-contained `out_dir/report.html` and `out_dir/figures/*.png`.
 
-    Made from each run directory's `config.yaml`, `metrics.jsonl` and `eval/*.json` only; a file
-    that is absent or unreadable skips what needs it and the report says so. Every file is
-    written atomically. Returns the Markdown and HTML paths.
+    Made from each run directory's `config.yaml`, `metrics.jsonl`, `eval/*.json` and
+    `analysis/gradients.json` only; a file that is absent or unreadable skips what needs it and the
+    report says so. Every file is written atomically. Returns the Markdown and HTML paths.
     """
     if isinstance(run_dirs, (str, Path)) or not run_dirs:
         raise ValueError("run_dirs must be a non-empty sequence of run directories")
