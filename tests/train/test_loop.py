@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -144,3 +145,12 @@ def test_bfloat16_precision_runs_the_method_under_autocast_and_keeps_float32_wei
 def test_an_unknown_precision_names_the_allowed_ones():
     with pytest.raises(ConfigError, match="train.precision.*float32.*bfloat16"):
         _cfg("train.precision=float16")
+
+
+def test_the_methods_per_batch_extras_are_logged_as_epoch_means(tmp_path):
+    run = train(_cfg("train.method=gal", "train.epochs=2", "model.activation=leaky_relu"), tmp_path / "gal",
+                progress=False)
+    for record in read_metrics(run):
+        assert -1.0 <= record["train_coherence"] <= 1.0  # GAL paper eq. 7, a cosine
+        # two members, one pair: GAL (log-sum-exp over pairs) and coherence (max) are that pair's cosine
+        assert math.isclose(record["train_gal"], record["train_coherence"], rel_tol=1e-5, abs_tol=1e-6)

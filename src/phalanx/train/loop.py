@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 import contextlib
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,12 +157,14 @@ def _prepare(run_dir: Path, cfg: RunConfig) -> None:
 
 @dataclass
 class _EpochProgress:
-    """Where an epoch stands: batches done, their loss sums, time spent, the rng before start_epoch."""
+    """Where an epoch stands: batches done, their loss sums, time spent, the rng before start_epoch,
+    and the sums of the method's per-batch extras (GAL, coherence, DVERGE's diversity loss, ...)."""
 
     batch: int
     sums: list[float]
     seconds: float
     rng_epoch_start: torch.Tensor
+    extra_sums: dict[str, float] = field(default_factory=dict)
 
 
 def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.device,
@@ -203,7 +205,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.d
         if partial is not None:
             batches.load_state_dict(partial["batches"])
             resume = _EpochProgress(batches.state_dict()["batch"], list(partial["member_loss_sums"]),
-                                    float(partial["seconds"]), ckpt.tensors["rng.epoch_start"].to(torch.uint8).cpu())
+                                    float(partial["seconds"]), ckpt.tensors["rng.epoch_start"].to(torch.uint8).cpu(),
+                                    dict(partial.get("extra_sums", {})))
     if ctx is None or ctx.is_main:
         _keep_metrics_through(metrics_path(run_dir), start_epoch)
     for m in members:
@@ -228,7 +231,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.d
         else:
             state = _EpochProgress(0, [0.0] * len(members), 0.0, rng.get_state())
             epoch_log = method.start_epoch(epoch, members, rng)
-        sums, steps = state.sums, state.batch
+        sums, steps, extra_sums = state.sums, state.batch, state.extra_sums
         stream = (batches.epoch_pairs(epoch, start_batch=steps) if method.needs_source_batch
                   else batches.epoch(epoch, start_batch=steps))
         bar = tqdm(stream, total=len(batches), initial=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
@@ -242,12 +245,14 @@ def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.d
                     _diverged(float(out.loss.detach()), epoch, steps, run_dir)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
-                member_losses = out.member_losses
+                member_losses, extras = out.member_losses, out.extras
             else:
-                member_losses = _distributed_backward(ctx, method, members, params, optimizer, batch, rng,
-                                                      epoch, steps, run_dir, cfg.train.precision)
+                member_losses, extras = _distributed_backward(ctx, method, members, params, optimizer, batch, rng,
+                                                              epoch, steps, run_dir, cfg.train.precision)
             optimizer.step()
             sums = [s + v for s, v in zip(sums, member_losses)]
+            for key, value in extras.items():
+                extra_sums[key] = extra_sums.get(key, 0.0) + value
             steps += 1
             if progress:
                 bar.set_postfix(loss=f"{sum(sums) / steps / len(members):.3f}")
@@ -256,7 +261,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.d
                                  epoch_end=steps == len(batches))
             if every and (epoch * len(batches) + steps) % every == 0 and steps < len(batches):
                 done = _EpochProgress(steps, sums, state.seconds + time.perf_counter() - started,
-                                      state.rng_epoch_start)
+                                      state.rng_epoch_start, extra_sums)
                 _on_main(ctx, lambda: _save(run_dir, cfg, epoch, members, optimizer, rng, info.name,
                                             method=method, progress=done, batches=batches.state_dict()))
         train_seconds = state.seconds + time.perf_counter() - started
@@ -265,6 +270,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.d
             val = validate(members, data.val_x, data.val_y, device)
             record: dict[str, Any] = {
                 "epoch": epoch + 1, "lr": lr_now, "train_loss": [s / max(steps, 1) for s in sums],
+                **{f"train_{k}": v / max(steps, 1) for k, v in extra_sums.items()},
                 **{f"val_{k}": v for k, v in val.items()}, "val_source": data.val_source,
                 "epoch_seconds": train_seconds, **epoch_log,
             }
@@ -295,28 +301,29 @@ def _diverged(value: float, epoch: int, steps: int, run_dir: Path) -> None:
 def _distributed_backward(ctx: DistContext, method: Any, members: Sequence[Classifier],
                           params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, batch: Batch,
                           rng: torch.Generator, epoch: int, steps: int, run_dir: Path,
-                          precision: str = "float32") -> list[float]:
+                          precision: str = "float32") -> tuple[list[float], dict[str, float]]:
     """This rank's share of one step: loss and gradients on its shard, then the global average.
 
     Weighting each rank's mean-reduced gradient by its share of the global batch and summing
-    gives the gradient of the global-batch mean, as a single process would compute it.
+    gives the gradient of the global-batch mean, as a single process would compute it. Returns the
+    global member losses and this rank's own extras (logged by rank 0: its shard's values).
     """
     local = Batch(ctx.shard(batch.x), ctx.shard(batch.y), ctx.shard(batch.x_source), ctx.shard(batch.y_source))
     weight = len(local.y) / len(batch.y)
     optimizer.zero_grad(set_to_none=True)
-    member_losses, bad = [0.0] * len(members), 0.0
+    member_losses, bad, extras = [0.0] * len(members), 0.0, {}
     if len(local.y):
         with autocast(ctx.device, precision):
             out = method.loss(members, local, rng)
         if torch.isfinite(out.loss):
             out.loss.backward()
-            member_losses = [v * weight for v in out.member_losses]
+            member_losses, extras = [v * weight for v in out.member_losses], out.extras
         else:
             bad = 1.0
     reduced = ctx.reduce_step(params, weight, [bad, *member_losses])
     if reduced[0]:
         _diverged(float("nan"), epoch, steps, run_dir)
-    return reduced[1:]
+    return reduced[1:], extras
 
 
 _METHOD = "method."  # checkpoint key prefix of a method's own tensors
@@ -371,7 +378,8 @@ def _save(run_dir: Path, cfg: RunConfig, epoch: int, members: Sequence[Classifie
         batch = progress.batch
         tensors["rng.epoch_start"] = progress.rng_epoch_start
         # floats survive JSON exactly (repr round-trips), so the resumed epoch logs the same loss
-        meta["partial"] = {"batches": batches, "member_loss_sums": progress.sums, "seconds": progress.seconds}
+        meta["partial"] = {"batches": batches, "member_loss_sums": progress.sums, "seconds": progress.seconds,
+                           "extra_sums": progress.extra_sums}
     save_checkpoint(checkpoint_dir(run_dir), epoch, tensors, meta, keep=cfg.train.keep_checkpoints, batch=batch)
 
 
