@@ -48,9 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distill-steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--cpu-workers", type=int, default=0,
-                   help="fast impl on CPU: distillation threads of one core each (0: one per intra-op thread, "
-                        "1: off, intra-op threads only)")
     args = p.parse_args(argv)
     if args.members < 2 or args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
         p.error("need --members >= 2, --batch-size >= 1, --iters >= 1, --warmup >= 0")
@@ -92,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 dverge_plain_step(members, optimizers, batch.x, batch.x_source, batch.y_source,
                                   layers=[layer] * len(members), cfg=distill_cfg, generator=gen)
                 return
-            method = Dverge(DvergeConfig(distill=distill_cfg, fixed_layer=layer, cpu_workers=args.cpu_workers))
+            method = Dverge(DvergeConfig(distill=distill_cfg, fixed_layer=layer))
             out = method.loss(members, batch, gen)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -120,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     result = {
         "impl": args.impl, "arch": args.arch, "members": args.members, "batch_size": args.batch_size,
         "device": str(device), "amp": args.amp, "iters": args.iters, "warmup": args.warmup,
-        "distill_steps": args.distill_steps, "cpu_workers": args.cpu_workers,
+        "distill_steps": args.distill_steps,
         "sec_per_iter_median": round(statistics.median(times), 4), "sec_per_iter_mean": round(mean, 4),
         # process CPU time (all threads): less sensitive than wall time to other jobs on the machine
         "cpu_sec_per_iter_mean": round(statistics.fmean(cpu_times), 4),

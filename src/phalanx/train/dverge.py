@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phalanx.attacks.distillation import DistillConfig, distill_with, frozen_parameters
+from phalanx.attacks.distillation import DistillConfig, distill_with
 from phalanx.models import Classifier
-from phalanx.parallel import run_on_cores
 from phalanx.train.api import Batch, StepOutput
 
 
@@ -46,9 +45,6 @@ class DvergeConfig:
     - `plus_adv`, `adv_eps` 8/255, `adv_step` 2/255, `adv_steps` 10, `coeff` 1.0: DVERGE+AdvT
       (authors' --plus-adv, --eps, --alpha, --steps, --dverge-coeff).
     - `channels_last`: speed only (measured faster on CPU); results equal up to float rounding.
-    - `cpu_workers`: on CPU, distill with this many threads of one core each, every member's
-      work split into per-core slices of the batch (`phalanx.parallel`); 0 = as many as
-      torch's intra-op threads, 1 = off. Speed only: the slices give the same examples.
 
     The authors' code has no clean cross-entropy term (report eq. 4's first term) and only the
     "all other members" schedule, so neither is an option here.
@@ -63,8 +59,6 @@ class DvergeConfig:
     adv_steps: int = 10
     coeff: float = 1.0
     channels_last: bool = True
-    cpu_workers: int = 0
-
 
     def __post_init__(self) -> None:
         if self.fixed_layer is not None and self.layers and self.fixed_layer not in self.layers:
@@ -77,9 +71,6 @@ class DvergeConfig:
             raise ValueError(f"adv_steps must be an integer >= 1, got {self.adv_steps!r}")
         if not self.coeff >= 0:
             raise ValueError(f"coeff must be >= 0, got {self.coeff}")
-        if not isinstance(self.cpu_workers, int) or self.cpu_workers < 0:
-            raise ValueError(f"cpu_workers must be an integer >= 0 (0: one per intra-op thread, 1: off), "
-                             f"got {self.cpu_workers!r}")
 
 
 def batch_coupled(model: nn.Module) -> bool:
@@ -138,7 +129,8 @@ class Dverge:
         if self.cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
             x_s = x_s.contiguous(memory_format=torch.channels_last)
-        distilled = distill_members(members, self.layers, x_s, x, self.cfg, rng)
+        distilled = [distill_with(m, x_s, x, layer=layer, config=self.cfg.distill, generator=rng)
+                     for m, layer in zip(members, self.layers)]
         adv = [self._adversarial(m, x_s, y_s, rng) for m in members] if self.cfg.plus_adv else None
 
         terms, div_logs = [], []
@@ -191,33 +183,6 @@ class Dverge:
         # eval mode (only BatchNorm models see a difference).
         return pgd(m, x_s, y_s, eps=self.cfg.adv_eps, alpha=self.cfg.adv_step, steps=self.cfg.adv_steps,
                    random_start=True, generator=rng)
-
-
-def distill_members(members: Sequence[Classifier], layers: Sequence[str], x_s: torch.Tensor,
-                    x: torch.Tensor, cfg: DvergeConfig, rng: torch.Generator) -> list[torch.Tensor]:
-    """Every member's distilled batch x'_m (report eq. 1), member m at `layers[m]`.
-
-    On CPU with more than one worker, the members' work runs on several cores at once: each
-    member's batch is cut into one slice per worker (distillation treats examples
-    independently), or, for members whose train-mode output couples the batch (BatchNorm),
-    kept whole. With a random start the draws must follow the sequential order, so it stays
-    sequential (the authors' distillation has no random start).
-    """
-    workers = cfg.cpu_workers or torch.get_num_threads()
-    if x.device.type != "cpu" or workers <= 1 or cfg.distill.random_start:
-        return [distill_with(m, x_s, x, layer=layer, config=cfg.distill, generator=rng)
-                for m, layer in zip(members, layers)]
-    slices = [1 if batch_coupled(m) else min(workers, len(x)) for m in members]
-    units = [(m, layer, xs_part, x_part) for m, layer, k in zip(members, layers, slices)
-             for xs_part, x_part in zip(x_s.tensor_split(k), x.tensor_split(k))]
-    with frozen_parameters(*members):  # once, here: the units of one member must not toggle it in turn
-        parts = run_on_cores(lambda u: distill_with(u[0], u[2], u[3], layer=u[1], config=cfg.distill),
-                             units, workers)
-    out, start = [], 0
-    for k in slices:
-        out.append(torch.cat(parts[start:start + k]) if k > 1 else parts[start])
-        start += k
-    return out
 
 
 def _mean_ce_per_input(model: Classifier, inputs: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
