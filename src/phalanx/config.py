@@ -98,7 +98,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps mid-epoch (0: epoch ends only)
     # bfloat16: the method's forward passes (attacks and distillation included) under autocast;
     # parameters, optimizer state and checkpoints stay float32. Speed only (ResNet-20 DVERGE
-    # step 1.8x faster on this CPU, benchmarks/RESULTS.md); float32 is the papers' setting.
+    # step 1.2-1.8x faster on this CPU, benchmarks/RESULTS.md); float32 is the papers' setting.
     precision: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
