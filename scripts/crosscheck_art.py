@@ -10,35 +10,22 @@ A phalanx number well above ART's would mean our attack is weaker than it should
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import torch
+from crosscheck_common import crosscheck_args, run_and_examples
 
-import phalanx
 from phalanx.attacks import pgd
-from phalanx.data import load_dataset
 from phalanx.eval.whitebox import accuracy, named_models
-from phalanx.runs import read_run_config
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir")
-    p.add_argument("--eps", type=float, default=0.03)
-    p.add_argument("--alpha", type=float, default=0.007)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--examples", type=int, default=500)
-    args = p.parse_args()
-
+    args = crosscheck_args(__doc__.splitlines()[0], examples=500)
     from art.attacks.evasion import ProjectedGradientDescentPyTorch
     from art.estimators.classification import PyTorchClassifier
 
-    cfg = read_run_config(args.run_dir)
-    mixture = phalanx.load_run(args.run_dir)
-    x_u8, y = load_dataset(cfg.data.dataset, "test", cfg.data.root, allow_noncanonical=cfg.data.allow_noncanonical)
-    x, y = x_u8[: args.examples].float() / 255, y[: args.examples]
+    mixture, x, y = run_and_examples(args.run_dir, args.examples)
     rows = []
     for name, model in named_models(mixture):
         ours = accuracy(model, pgd(model, x, y, eps=args.eps, alpha=args.alpha, steps=args.steps,

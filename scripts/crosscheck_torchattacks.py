@@ -10,32 +10,20 @@ is JSON. `tests/eval/test_crosscheck_torchattacks.py` asserts agreement within 1
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
+from crosscheck_common import crosscheck_args, run_and_examples
 
-import phalanx
 from phalanx.attacks import fgsm, pgd
-from phalanx.data import load_dataset
 from phalanx.eval.whitebox import accuracy, named_models
-from phalanx.runs import read_run_config
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir")
-    p.add_argument("--eps", type=float, default=0.03)
-    p.add_argument("--alpha", type=float, default=0.007)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--examples", type=int, default=1000)
-    args = p.parse_args()
+    args = crosscheck_args(__doc__.splitlines()[0], examples=1000)
     import torchattacks
 
-    cfg = read_run_config(args.run_dir)
-    mixture = phalanx.load_run(args.run_dir)
-    x_u8, y = load_dataset(cfg.data.dataset, "test", cfg.data.root, allow_noncanonical=cfg.data.allow_noncanonical)
-    x, y = x_u8[: args.examples].float() / 255, y[: args.examples]
+    mixture, x, y = run_and_examples(args.run_dir, args.examples)
     torch.manual_seed(0)  # torchattacks' random start uses the global generator
     rows = []
     for name, model in named_models(mixture):

@@ -1,0 +1,30 @@
+"""What the cross-check scripts share: their arguments, and a run's mixture with its test examples."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import phalanx
+from phalanx.data import load_dataset
+from phalanx.models import Mixture
+from phalanx.runs import read_run_config
+
+
+def crosscheck_args(description: str, examples: int) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("run_dir")
+    p.add_argument("--eps", type=float, default=0.03)
+    p.add_argument("--alpha", type=float, default=0.007)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--examples", type=int, default=examples)
+    return p.parse_args()
+
+
+def run_and_examples(run_dir: str, examples: int) -> tuple[Mixture, torch.Tensor, torch.Tensor]:
+    """The run's mixture and its first `examples` test images in [0, 1] with their labels."""
+    cfg = read_run_config(run_dir)
+    mixture = phalanx.load_run(run_dir)
+    x_u8, y = load_dataset(cfg.data.dataset, "test", cfg.data.root, allow_noncanonical=cfg.data.allow_noncanonical)
+    return mixture, x_u8[:examples].float() / 255, y[:examples]
