@@ -234,9 +234,15 @@ def test_dlr_by_hand_and_invariant_to_affine_logit_maps():
         dlr_objective(logits[:, :2], y, targeted=False)
 
 
-def test_apgd_checkpoints_follow_croce_and_hein():
-    # p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99
-    assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+@pytest.mark.parametrize("steps, expected", [
+    (100, [22, 41, 57, 70, 80, 87, 93, 99]),  # periods 22, 19, 16, 13, 10, 7, 6, 6 (p = 0.22, 0.41, ...)
+    (10, [2, 3, 4, 5, 6, 7, 8, 9, 10]),  # int(2.2) = 2, then max(2 - 1, 1) = 1: every iteration
+    (50, [11, 21, 30, 38, 45]),  # periods 11, 10, 9, 8, 7; the next (6) would end past 50
+    (1, [1]),
+])
+def test_apgd_checkpoints_are_the_authors_whole_iteration_periods(steps, expected):
+    """As fra31/auto-attack autopgd_base.py: period int(0.22 n), shorter by int(0.03 n) each time, floor int(0.06 n)."""
+    assert apgd_checkpoints(steps) == expected
 
 
 def test_apgd_is_at_least_as_strong_as_pgd_with_the_same_budget(net, task):

@@ -7,7 +7,6 @@ checkpoints where progress stalled, restarting from the best point found so far.
 
 from __future__ import annotations
 
-import math
 from enum import Enum
 
 import torch
@@ -57,13 +56,17 @@ def dlr_objective(logits: torch.Tensor, y: torch.Tensor, *, targeted: bool) -> t
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
-    """The iterations where APGD may halve its step: w_j = ceil(p_j * steps), with p_0 = 0,
-    p_1 = 0.22 and p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) (Croce & Hein 2020, section 3.2)."""
-    p = [0.0, 0.22]
-    while p[-1] < 1.0:
-        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    # round first: p_3 = 0.57 is 0.5700000000000001 in floating point
-    return sorted({math.ceil(round(q * steps, 9)) for q in p[1:] if q <= 1.0} - {0})
+    """The iterations where APGD may halve its step (Croce & Hein 2020, section 3.2: p_1 = 0.22,
+    period shrinking by 0.03 down to 0.06), in whole iterations as the authors' autopgd_base.py:
+    first period int(0.22 n), each next one int(0.03 n) shorter, never below int(0.06 n), all >= 1.
+    For n = 100: 22, 41, 57, 70, 80, 87, 93, 99; for n = 10: every iteration from the 2nd."""
+    period, shrink, shortest = (max(int(f * steps), 1) for f in (0.22, 0.03, 0.06))
+    out, at = [], period
+    while at <= steps:
+        out.append(at)
+        period = max(period - shrink, shortest)
+        at += period
+    return out
 
 
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
@@ -113,7 +116,8 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step
         best, best_success, best_value = x_k, success, value  # what is returned
         eta = torch.full_like(value, 2 * eps)
         x_prev, rises, last_check = x_k, torch.zeros_like(value), 0
-        f_max_at_check, halved_at_check = f_max.clone(), torch.zeros_like(success)
+        # "halved" at the start, so condition (2) cannot fire at the first checkpoint (autopgd_base.py)
+        f_max_at_check, halved_at_check = f_max.clone(), torch.ones_like(success)
         for k in range(steps):
             z = project(x_k + _per_example(eta, x_k) * steepest_step(grad, norm), x, eps=eps, norm=norm)
             a = 1.0 if k == 0 else momentum
@@ -128,13 +132,13 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step
             best_success = best_success | success_new
             x_prev, x_k, value, grad = x_k, x_new, value_new, grad_new
             if k + 1 in checkpoints:
-                stalled = rises < rho * (k + 1 - last_check)
+                stalled = rises <= rho * (k + 1 - last_check)  # <=, as autopgd_base.py's check_oscillation
                 flat = ~halved_at_check & (f_max <= f_max_at_check)
                 halve = stalled | flat
                 eta = torch.where(halve, eta / 2, eta)
+                # restart from the best point; as autopgd_base.py, the momentum term of the next step is
+                # (x_max - previous iterate) and the next rise is counted against the last iterate's loss
                 x_k, grad = pick(halve, x_max, x_k), pick(halve, grad_max, grad)
-                value = torch.where(halve, f_max, value)
-                x_prev = pick(halve, x_k, x_prev)  # a restart carries no momentum
                 rises, last_check = torch.zeros_like(rises), k + 1
                 f_max_at_check, halved_at_check = f_max.clone(), halve
     return best.detach()
