@@ -22,7 +22,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from phalanx.models import Classifier, InputSpec, build_model
+from benchmarks.dverge import CIFAR
+from phalanx.config import OptimConfig
+from phalanx.models import Classifier, build_model
 from phalanx.train.adversarial import Adversarial, AdversarialConfig
 from phalanx.train.api import Batch
 from phalanx.train.baseline import Baseline, BaselineConfig
@@ -32,11 +34,7 @@ from phalanx.train.gal import Gal, GalConfig
 from phalanx.train.gdr import Gdr, GdrConfig
 from phalanx.train.kd import Kd, KdConfig
 from phalanx.train.loop import make_optimizer
-from phalanx.config import OptimConfig
 from phalanx.train.rrm import Rrm, RrmConfig
-
-CIFAR = InputSpec(channels=3, size=32, num_classes=10, mean=(0.4914, 0.4822, 0.4465),
-                  std=(0.2470, 0.2435, 0.2616))
 
 
 def _frozen(arch: str) -> nn.Module:
@@ -68,11 +66,16 @@ METHODS: dict[str, Callable[[str], object]] = {
 def time_method(name: str, arch: str, members: int, batch_size: int, iters: int, warmup: int,
                 device: torch.device, seed: int) -> dict[str, object]:
     """Median and mean seconds of `iters` training steps of method `name` (after `warmup` steps)."""
-    torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # GAL's "ReLU member" warning: the timing is the point here
-        models: list[Classifier] = [build_model(arch, CIFAR).to(device).train() for _ in range(members)]
-        method = METHODS[name](arch)
+        return _time_method(name, arch, members, batch_size, iters, warmup, device, seed)
+
+
+def _time_method(name: str, arch: str, members: int, batch_size: int, iters: int, warmup: int,
+                 device: torch.device, seed: int) -> dict[str, object]:
+    torch.manual_seed(seed)
+    models: list[Classifier] = [build_model(arch, CIFAR).to(device).train() for _ in range(members)]
+    method = METHODS[name](arch)
     extra = list(method.extra_parameters(models)) if hasattr(method, "extra_parameters") else []
     optimizer = make_optimizer(models, OptimConfig(name="sgd", lr=1e-3, momentum=0.9), extra)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -90,17 +93,15 @@ def time_method(name: str, arch: str, members: int, batch_size: int, iters: int,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for k in range(warmup):
-            step(batches[k % 2])
-        times = []
-        for k in range(iters):
-            if name.startswith("dverge"):
-                method.start_epoch(k, models, gen)  # a fresh layer draw, as every epoch
-            started = time.perf_counter()
-            step(batches[k % 2])
-            times.append(time.perf_counter() - started)
+    for k in range(warmup):
+        step(batches[k % 2])
+    times = []
+    for k in range(iters):
+        if name.startswith("dverge"):
+            method.start_epoch(k, models, gen)  # a fresh layer draw, as every epoch
+        started = time.perf_counter()
+        step(batches[k % 2])
+        times.append(time.perf_counter() - started)
     return {"method": name, "sec_per_iter_median": round(statistics.median(times), 4),
             "sec_per_iter_mean": round(statistics.fmean(times), 4)}
 

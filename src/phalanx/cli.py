@@ -32,8 +32,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from phalanx.train.loop import train
 
     cfg = load_config(resolve_config_path(args.config), args.set)
-    if args.tensorboard:
-        require_tensorboard()
     out = Path(args.out) if args.out else _default_out(cfg.name)
     train(cfg, out, progress=not args.quiet, tensorboard=args.tensorboard)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
@@ -131,8 +129,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from phalanx.quickstart import run_quickstart
 
-    if args.tensorboard:
-        require_tensorboard()
     run_quickstart(Path(args.out), progress=not args.quiet, echo=print, tensorboard=args.tensorboard)
     return 0
 
@@ -149,8 +145,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from phalanx.reproduce import reproduce
 
-    if args.tensorboard:
-        require_tensorboard()
     reproduce(args.name, Path(args.out), epochs_scale=args.epochs_scale, data_dir=args.data_dir,
               allow_noncanonical=args.allow_noncanonical, overrides=args.set, progress=not args.quiet,
               tensorboard=args.tensorboard)
@@ -162,6 +156,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tensorboard_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log training metrics for TensorBoard in each run directory's tensorboard/ "
+                        "(needs the tensorboard package)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="phalanx", description="Train diverse ensembles and measure their robustness.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,8 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", help="run directory (default: runs/NAME-TIMESTAMP); an existing one resumes")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also log training metrics for TensorBoard in RUN_DIR/tensorboard (needs tensorboard)")
+    _add_tensorboard_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
@@ -213,8 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="the main job: train and compare ensembles on the embedded dataset")
     p.add_argument("--out", default="runs/quickstart", help="directory for the runs and the report")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also log training metrics for TensorBoard in each run's directory/tensorboard (needs tensorboard)")
+    _add_tensorboard_flag(p)
     p.add_argument("--quiet", action="store_true", help="print only the final table")
     p.set_defaults(func=cmd_quickstart)
 
@@ -233,8 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-noncanonical", action="store_true",
                    help="load dataset copies whose checksum differs from the canonical files (with a warning)")
     p.add_argument("--out", default="runs/reproduce", help="root directory for the chain's runs")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also log training metrics for TensorBoard in each run's directory/tensorboard (needs tensorboard)")
+    _add_tensorboard_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_reproduce)
 
@@ -248,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.simplefilter("default")
     try:
+        if getattr(args, "tensorboard", False):
+            require_tensorboard()  # before any training, for every command that takes the flag
         return args.func(args)
     except USAGE_ERRORS as exc:
         print(f"phalanx: error: {exc}", file=sys.stderr)

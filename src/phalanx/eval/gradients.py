@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from phalanx.attacks import attack_mode
 from phalanx.attacks.core import Loss, input_gradient
@@ -134,14 +135,18 @@ def gaas_directions(grad: torch.Tensor, k: int, eps: float) -> torch.Tensor:
 
 
 def gaas(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ks: Sequence[int] = (4, 16, 36, 64),
-         eps_values: Sequence[float] = (0.03, 0.06, 0.09), batch_size: int = 100) -> dict[str, Any]:
+         eps_values: Sequence[float] = (0.03, 0.06, 0.09), batch_size: int = 100,
+         progress: str | None = None) -> dict[str, Any]:
     """GAAS: for each k and eps, how many of the k gradient-aligned orthogonal directions
     (`gaas_directions`) are adversarial for each correctly classified example (x + r clamped to [0, 1]).
 
     Returns {"n": examples correctly classified, "results": [{"k", "eps", "counts": [n],
     "p_all": P(count >= k), "p_at_least": [P(count >= j) for j = 1..k]}, ...]}: p_all is the
     probability of finding k orthogonal adversarial directions (the paper's Figure 5).
+    `progress`: the label of a bar over the (k, eps) grid (None: no bar).
     """
+    for k in ks:
+        hadamard(k)  # fail early on an unsupported order
     with attack_mode(model):
         with torch.no_grad():
             keep = torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
@@ -150,19 +155,18 @@ def gaas(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ks: Sequence[int
         grads = torch.cat([input_gradient(model, xs[i:i + batch_size], ys[i:i + batch_size], loss=Loss.CE,
                                           targeted=False) for i in range(0, len(ys), batch_size)]) if len(ys) else xs
         results = []
-        for k in ks:
-            hadamard(k)  # fail early on an unsupported order
-            for eps in eps_values:
-                counts = []
-                for i in range(0, len(ys), batch_size):
-                    xb, yb, gb = xs[i:i + batch_size], ys[i:i + batch_size], grads[i:i + batch_size]
-                    cand = (xb[:, None] + gaas_directions(gb, k, eps)).clamp(0, 1)
-                    with torch.no_grad():
-                        pred = model(cand.flatten(0, 1)).argmax(1).view(len(yb), k)
-                    counts.append((pred != yb[:, None]).sum(1))
-                c = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
-                n = max(len(c), 1)
-                results.append({"k": k, "eps": eps, "counts": c.tolist(),
-                                "p_all": float((c >= k).sum()) / n,
-                                "p_at_least": [float((c >= j).sum()) / n for j in range(1, k + 1)]})
+        cells = [(k, eps) for k in ks for eps in eps_values]
+        for k, eps in tqdm(cells, desc=progress, unit="cell", leave=False, disable=progress is None):
+            counts = []
+            for i in range(0, len(ys), batch_size):
+                xb, yb, gb = xs[i:i + batch_size], ys[i:i + batch_size], grads[i:i + batch_size]
+                cand = (xb[:, None] + gaas_directions(gb, k, eps)).clamp(0, 1)
+                with torch.no_grad():
+                    pred = model(cand.flatten(0, 1)).argmax(1).view(len(yb), k)
+                counts.append((pred != yb[:, None]).sum(1))
+            c = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
+            n = max(len(c), 1)
+            results.append({"k": k, "eps": eps, "counts": c.tolist(),
+                            "p_all": float((c >= k).sum()) / n,
+                            "p_at_least": [float((c >= j).sum()) / n for j in range(1, k + 1)]})
     return {"n": int(keep.sum()), "results": results}
