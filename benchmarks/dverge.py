@@ -25,6 +25,7 @@ import time
 import torch
 
 from phalanx.attacks.distillation import DistillConfig
+from phalanx.memory import keep_freed_memory
 from phalanx.models import InputSpec, build_model
 from phalanx.train.api import Batch
 from phalanx.train.dverge import Dverge, DvergeConfig
@@ -48,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distill-steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--stack", choices=["auto", "always", "never"], default="auto",
+                   help="DvergeConfig.stack_members for --impl fast")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="leave glibc's malloc as it is (phalanx's CLI applies phalanx.memory.keep_freed_memory)")
     args = p.parse_args(argv)
     if args.members < 2 or args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
         p.error("need --members >= 2, --batch-size >= 1, --iters >= 1, --warmup >= 0")
@@ -64,6 +69,8 @@ def peak_mem_mb(device: torch.device) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
+    if not args.no_malloc_tuning:
+        keep_freed_memory()
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -82,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     else:
         optimizer = torch.optim.SGD([p for m in members for p in m.parameters()], lr=1e-3, momentum=0.9)
 
+    method = Dverge(DvergeConfig(distill=distill_cfg, stack_members=args.stack))
+
     def step(layer: str, batch: Batch) -> None:
         amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else contextlib.nullcontext())
         with amp:
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 dverge_plain_step(members, optimizers, batch.x, batch.x_source, batch.y_source,
                                   layers=[layer] * len(members), cfg=distill_cfg, generator=gen)
                 return
-            method = Dverge(DvergeConfig(distill=distill_cfg, fixed_layer=layer))
+            method.layers = [layer] * len(members)  # what start_epoch's draw sets in a training run
             out = method.loss(members, batch, gen)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -116,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     mean = statistics.fmean(times)
     result = {
         "impl": args.impl, "arch": args.arch, "members": args.members, "batch_size": args.batch_size,
-        "device": str(device), "amp": args.amp, "iters": args.iters, "warmup": args.warmup,
+        "device": str(device), "amp": args.amp, "stack": args.stack if args.impl == "fast" else None,
+        "malloc_tuning": not args.no_malloc_tuning, "iters": args.iters, "warmup": args.warmup,
         "distill_steps": args.distill_steps,
         "sec_per_iter_median": round(statistics.median(times), 4), "sec_per_iter_mean": round(mean, 4),
         # process CPU time (all threads): less sensitive than wall time to other jobs on the machine

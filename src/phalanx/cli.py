@@ -15,6 +15,7 @@ from phalanx.checkpoint import CheckpointError
 from phalanx.attacks import AttackName
 from phalanx.config import AttackConfig, ConfigError, load_config
 from phalanx.data import DataError
+from phalanx.memory import keep_freed_memory
 from phalanx.presets import list_presets, resolve_config_path
 from phalanx.runs import RunDirError
 from phalanx.tensorboard import TensorboardUnavailable, require_tensorboard
@@ -242,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.simplefilter("default")
     try:

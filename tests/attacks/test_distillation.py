@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from phalanx.attacks.distillation import DistillConfig, distill, distill_with, signed_descent
+from phalanx.attacks.distillation import DistillConfig, distill, distill_stacked, distill_with, signed_descent
 from phalanx.models import Classifier, InputSpec, build_model
+from phalanx.models.stacked import stack_members
 
 SPEC = InputSpec(channels=3, size=16, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3)
 
@@ -127,3 +130,24 @@ def test_bad_arguments_raise(model):
         distill(model, _images(1, 4), _images(2, 5), layer="fc1", eps=0.1, step_size=0.01, steps=1)
     with pytest.raises(ValueError, match="unknown layer 'fc9'"):
         distill(model, _images(1), _images(2), layer="fc9", eps=0.1, step_size=0.01, steps=1)
+
+
+@pytest.mark.parametrize("arch,layer", [("conv", "conv2"), ("conv", "logits"), ("resnet20", "s1b2.out")])
+def test_stacked_distillation_equals_member_by_member(arch, layer):
+    """One stacked solve gives each member's own distilled batch, random starts included (float64)."""
+    spec = SPEC if arch == "conv" else InputSpec(3, 8, 10, (0.5,) * 3, (0.25,) * 3)
+    torch.manual_seed(0)
+    members = [build_model(arch, spec).double().train() for _ in range(3)]
+    reference = copy.deepcopy(members)  # train-mode BatchNorm: each forward moves running statistics
+    g = torch.Generator().manual_seed(4)
+    xs, xt = (torch.rand(6, 3, spec.size, spec.size, generator=g, dtype=torch.float64) for _ in range(2))
+    cfg = DistillConfig(steps=5, random_start=True)
+    got = distill_stacked(stack_members(members), xs, xt, layer=layer, config=cfg,
+                          generator=torch.Generator().manual_seed(7))
+    rng = torch.Generator().manual_seed(7)
+    for m, x_d in zip(reference, got):
+        torch.testing.assert_close(x_d, distill_with(m, xs, xt, layer=layer, config=cfg, generator=rng),
+                                   atol=1e-12, rtol=0)
+    for m, r in zip(members, reference):
+        for a, b in zip(m.buffers(), r.buffers()):
+            torch.testing.assert_close(a, b)

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from phalanx.models import Arch, InputSpec, Mixture, build_model, mixture_log_probs
 
@@ -52,10 +53,30 @@ def test_gal_conv_structures():
 
 
 def test_models_normalize_inside():
-    model = build_model("conv", DIGITS)
+    model = build_model("conv3", DIGITS)
     x = torch.rand(2, 1, 16, 16)
     z = model.normalize(x)
     assert torch.allclose(z, (x - 0.3) / 0.4)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_seed_conv_equals_the_textbook_order(activation):
+    """The folded normalization and pooling before activating change neither values nor gradients."""
+    torch.manual_seed(0)
+    model = build_model("conv", CIFAR, activation=activation).double()
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    conv1 = model.stages["conv1"]
+    mean, std = torch.tensor(CIFAR.mean).view(1, 3, 1, 1), torch.tensor(CIFAR.std).view(1, 3, 1, 1)
+    z = F.conv2d((x - mean) / std, conv1.weight, conv1.bias)
+    torch.testing.assert_close(model.features(x, "conv1"), z)
+    for name in ("conv2", "fc1", "fc2", "logits"):  # activation, then the stage's body (pool first)
+        z = model.stages[name](model.act(z))
+        torch.testing.assert_close(model.features(x, name), z)
+        torch.testing.assert_close(model.features(x, name, pre_activation=False),
+                                   z if name == "logits" else model.act(z))
+    (g_textbook,) = torch.autograd.grad(z.square().sum(), x)
+    (g_model,) = torch.autograd.grad(model(x).square().sum(), x)
+    torch.testing.assert_close(g_model, g_textbook)
 
 
 def test_unknown_names_are_refused_with_the_allowed_ones():

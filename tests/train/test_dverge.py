@@ -80,11 +80,15 @@ def test_member_gets_gradient_only_from_its_own_term():
     assert all(p.grad is None for m in members[1:] for p in m.parameters())
 
 
-@pytest.mark.parametrize("arch,layer", [("conv", "fc1"), ("conv", "logits"), ("resnet20", "s2b1.mid")])
-def test_fast_equals_plain(arch, layer):
-    """Same distilled examples and the same SGD update as the authors-style plain loop (float64)."""
+@pytest.mark.parametrize("arch,layer,stacking", [
+    ("conv", "fc1", "auto"), ("conv", "logits", "auto"), ("conv", "conv1", "never"),
+    ("resnet20", "s2b1.mid", "auto"), ("resnet20", "s3b3.out", "always"),
+])
+def test_fast_equals_plain(arch, layer, stacking):
+    """Same distilled examples and the same SGD update as the authors-style plain loop (float64),
+    with the members run stacked (the seed Conv's default; ResNet's train-mode BatchNorm) or not."""
     spec = SPEC16 if arch == "conv" else InputSpec(3, 8, 10, (0.5,) * 3, (0.25,) * 3)
-    cfg = DvergeConfig(fixed_layer=layer, distill=DistillConfig(steps=4, random_start=True))
+    cfg = DvergeConfig(fixed_layer=layer, distill=DistillConfig(steps=4, random_start=True), stack_members=stacking)
     plain = _members(arch, spec=spec, dtype=torch.float64)
     fast = copy.deepcopy(plain)
     batch = _batch(6, spec, dtype=torch.float64)
@@ -101,9 +105,41 @@ def test_fast_equals_plain(arch, layer):
     opt.step()
 
     assert out.member_losses == pytest.approx(plain_losses, rel=1e-9)
+    assert (method._stack is not None) == (stacking == "always" or (arch == "conv" and stacking == "auto"))
     for mp, mf in zip(plain, fast):
         for (name, pp), pf in zip(mp.named_parameters(), mf.parameters()):
             torch.testing.assert_close(pf, pp, atol=1e-10, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("plus_adv", [False, True], ids=["dverge", "dverge-advt"])
+def test_stacked_equals_member_by_member_with_batchnorm(plus_adv):
+    """ResNet-20 in train mode: the same update and the same BatchNorm running statistics (float64)."""
+    spec = InputSpec(3, 8, 10, (0.5,) * 3, (0.25,) * 3)
+    runs = {}
+    for stacking in ("always", "never"):
+        members = _members("resnet20", spec=spec, dtype=torch.float64)
+        cfg = DvergeConfig(fixed_layer="s2b2.mid", plus_adv=plus_adv, adv_steps=2, stack_members=stacking,
+                           distill=DistillConfig(steps=3))
+        opt = torch.optim.SGD([p for m in members for p in m.parameters()], lr=0.1)
+        out = Dverge(cfg).loss(members, _batch(6, spec, dtype=torch.float64), torch.Generator().manual_seed(2))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        runs[stacking] = (out.member_losses, [m.state_dict() for m in members])
+    assert runs["always"][0] == pytest.approx(runs["never"][0], rel=1e-9)
+    for a, b in zip(runs["always"][1], runs["never"][1]):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-10, rtol=0, msg=key)
+
+
+def test_stacking_always_refuses_members_that_cannot_stack():
+    spec = InputSpec(3, 16, 10, (0.5,) * 3, (0.25,) * 3)
+    members = [build_model("conv", spec), build_model("conv3", spec)]
+    method = Dverge(DvergeConfig(fixed_layer="logits", stack_members="always", distill=DistillConfig(steps=1)))
+    with pytest.raises(ValueError, match="cannot be stacked.*ConvNet, SeedConv.*auto or never"):
+        method.loss(members, _batch(4, spec), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="stack_members must be auto, always or never"):
+        DvergeConfig(stack_members="yes")
 
 
 def test_fast_distillation_equals_plain_distillation():

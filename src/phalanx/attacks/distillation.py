@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from phalanx.models.stacked import StackedMembers
+
 
 @dataclass(frozen=True)
 class DistillConfig:
@@ -69,37 +71,53 @@ def signed_descent(
     momentum: float | None,
     random_start: bool,
     generator: torch.Generator | None,
+    channel_groups: int = 1,
 ) -> torch.Tensor:
     """Descend along `grad_fn(x)` (a gradient of the objective w.r.t. x) by signed steps inside the
     Linf ball around `x_source` and [0, 1], as the authors' Linf_distillation.
 
     Only the direction of the gradient per example matters (sign, and the per-example L1
     normalization of the momentum), so `grad_fn` may return it up to a positive factor per
-    example. x_source is (B, ...) with examples along the first dimension.
+    example. x_source is (B, ...) with examples along the first dimension. With
+    `channel_groups` G > 1, x is (B, G*C, H, W) holding G independent problems side by side
+    (models/stacked.py): the momentum is normalized per example and group, and a random start
+    draws each group's noise in turn, as G separate calls would.
     """
     x_nat = x_source.detach()
     lo, hi = (x_nat - eps).clamp_(min=0.0), (x_nat + eps).clamp_(max=1.0)
     x = x_nat.clone()
     if random_start:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        shape = (x.shape[0], x.shape[1] // channel_groups, *x.shape[2:])
+        noise = torch.cat([torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype)
+                           for _ in range(channel_groups)], dim=1)
         x = x + (2 * noise - 1) * eps
-    # projection onto the ball and [0, 1] by one max/min against precomputed bounds (lo/hi
-    # combine both), as the authors' min/max; core.project's Linf case up to rounding, but two
-    # elementwise ops per step instead of five
-    x = torch.minimum(torch.maximum(x, lo), hi)
+    # projection onto the ball and [0, 1] by one clamp between precomputed bounds (lo/hi
+    # combine both), as the authors' min/max; core.project's Linf case up to rounding, but one
+    # elementwise op per step instead of five
+    x = torch.clamp(x, lo, hi)
     g = torch.zeros_like(x) if momentum is not None else None
     for _ in range(steps):
         grad = grad_fn(x.requires_grad_(True))
         x = x.detach()
         with torch.no_grad():
             if g is not None:
-                l1 = grad.abs().flatten(1).sum(1).clamp_(min=1e-12)
-                g.mul_(momentum).add_(grad / l1.view(-1, *([1] * (grad.dim() - 1))))
+                if momentum != 1.0:  # the authors' mu = 1 needs no pass over g
+                    g.mul_(momentum)
+                g.addcdiv_(grad, _l1_norms(grad, channel_groups))
                 grad = g
             # the distance is minimized: step against the gradient
             x.add_(grad.sign(), alpha=-step_size)
-            x = torch.minimum(torch.maximum(x, lo, out=x), hi, out=x)
+            torch.clamp(x, lo, hi, out=x)
     return x.detach()
+
+
+def _l1_norms(grad: torch.Tensor, channel_groups: int) -> torch.Tensor:
+    """The L1 norm of each example's (and channel group's) gradient, broadcastable against it."""
+    if channel_groups == 1:
+        return grad.abs().flatten(1).sum(1).clamp_(min=1e-12).view(-1, *([1] * (grad.dim() - 1)))
+    b, c = grad.shape[:2]
+    per_group = grad.abs().sum(dim=(2, 3)).view(b, channel_groups, -1).sum(2).clamp_(min=1e-12)
+    return per_group.repeat_interleave(c // channel_groups, dim=1).view(b, c, 1, 1)
 
 
 def distill(
@@ -159,3 +177,32 @@ def distill_with(model: nn.Module, x_source: torch.Tensor, x_target: torch.Tenso
         steps=config.steps, pre_activation=config.pre_activation, momentum=config.momentum,
         random_start=config.random_start, generator=generator,
     )
+
+
+def distill_stacked(stack: StackedMembers, x_source: torch.Tensor, x_target: torch.Tensor, *, layer: str,
+                    config: DistillConfig, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """`distill_with` for every member of `stack` at once, from the same source and target batches.
+
+    Returns each member's distilled batch, as M calls of `distill_with` would (the same random
+    start draws, in member order), computed by one stacked forward and backward per step.
+    """
+    if x_source.shape != x_target.shape:
+        raise ValueError(f"x_source and x_target must have the same shape, got {tuple(x_source.shape)} "
+                         f"and {tuple(x_target.shape)}")
+    n = len(stack)
+    with frozen_parameters(*stack.members), stack.parameters_fixed():
+        with torch.no_grad():
+            target = stack.features(stack.stack([x_target] * n), layer, pre_activation=config.pre_activation)
+
+        def grad_fn(x: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                features = stack.features(x, layer, pre_activation=config.pre_activation)
+                (grad,) = torch.autograd.grad(features, x, grad_outputs=features.detach() - target)
+            return grad
+
+        distilled = signed_descent(
+            grad_fn, stack.stack([x_source] * n), eps=config.eps, step_size=config.step_size,
+            steps=config.steps, momentum=config.momentum, random_start=config.random_start,
+            generator=generator, channel_groups=n,
+        )
+    return stack.unstack(distilled)

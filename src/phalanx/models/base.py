@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -54,6 +55,12 @@ class Classifier(nn.Module):
     """
 
     layer_names: tuple[str, ...] = ()
+    # True when the forward uses only modules that phalanx.models.stacked knows how to stack
+    # and otherwise acts per channel or per example, so that several members can run as one
+    stackable: ClassVar[bool] = False
+    # True when running members stacked was measured faster than one call per member
+    # (benchmarks/RESULTS.md); methods that can stack use it as their default
+    prefers_stacking: ClassVar[bool] = False
 
     def __init__(self, spec: InputSpec) -> None:
         super().__init__()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from phalanx.models.base import Activation, Classifier, InputSpec, make_activation
@@ -11,8 +14,14 @@ from phalanx.models.base import Activation, Classifier, InputSpec, make_activati
 class StagedClassifier(Classifier):
     """A chain of named stages, each a body (pre-activation) followed by the activation.
 
-    The final stage (the logits) has no activation.
+    The final stage (the logits) has no activation. A body that starts with max pooling gets
+    its input pooled before the previous stage's activation is applied: ReLU and leaky ReLU
+    are non-decreasing, so they commute with max pooling (same values, same gradients), and
+    activating after the pool touches 4x fewer elements (the seed Conv's distillation step:
+    measured in benchmarks/RESULTS.md).
     """
+
+    stackable: ClassVar[bool] = True  # every op acts per channel or per example (models/stacked.py)
 
     def __init__(self, spec: InputSpec, stages: list[tuple[str, nn.Module]], activation: Activation | str):
         super().__init__(spec)
@@ -22,16 +31,47 @@ class StagedClassifier(Classifier):
 
     def _run(self, z: torch.Tensor, stop_at: str | None, pre_activation: bool) -> torch.Tensor:
         last = self.layer_names[-1]
+        activate = False  # z is the previous stage's pre-activation, still to be activated
         for name, body in self.stages.items():
-            z = body(z)
-            if name == last:
+            if not activate:
+                z = body(z)
+            elif isinstance(body, nn.Sequential) and isinstance(body[0], nn.MaxPool2d):
+                z = self.act(body[0](z))
+                for module in list(body)[1:]:
+                    z = module(z)
+            else:
+                z = body(self.act(z))
+            if name == last or (name == stop_at and pre_activation):
                 return z
-            if name == stop_at and pre_activation:
-                return z
-            z = self.act(z)
             if name == stop_at:
-                return z
+                return self.act(z)
+            activate = True
         raise AssertionError("unreachable: the last stage returns")
+
+
+class NormalizingConv2d(nn.Conv2d):
+    """An unpadded convolution of raw [0, 1] pixels with the input normalization folded in.
+
+    conv(W, (x - mean) / std) + b = conv(W / std, x) + b - sum(W * mean / std), exactly, when the
+    convolution has no padding (a padded border would be zero after normalization, but not
+    after the fold). It saves two elementwise passes over the input, and their backward, in
+    every forward: the seed Conv's whole normalization cost. The parameters are the ordinary
+    `weight` and `bias` of the convolution on normalized inputs, so checkpoints are unchanged.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, spec: InputSpec):
+        super().__init__(in_channels, out_channels, kernel_size)
+        self.register_buffer("in_mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("in_std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias of the same convolution applied to raw pixels."""
+        weight = self.weight / self.in_std
+        return weight, self.bias - (weight * self.in_mean).sum(dim=(1, 2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.folded()
+        return F.conv2d(x, weight, bias)
 
 
 def _flat_size(spec: InputSpec, trunk: nn.Module) -> int:
@@ -46,10 +86,13 @@ class SeedConv(StagedClassifier):
     would vanish under two unpadded 5x5 convolutions, so they are refused.
     """
 
+    # 3- to 16-channel layers: one grouped kernel beats M small ones on a CPU (benchmarks/RESULTS.md)
+    prefers_stacking: ClassVar[bool] = True
+
     def __init__(self, spec: InputSpec, activation: Activation | str = Activation.RELU):
         if spec.size < 16:
             raise ValueError(f"seed Conv needs images of at least 16x16 pixels, got {spec.size}x{spec.size}")
-        conv1 = nn.Conv2d(spec.channels, 6, 5)
+        conv1 = NormalizingConv2d(spec.channels, 6, 5, spec)
         conv2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(6, 16, 5))
         flat = _flat_size(spec, nn.Sequential(conv1, conv2, nn.MaxPool2d(2)))
         stages = [
@@ -60,6 +103,9 @@ class SeedConv(StagedClassifier):
             ("logits", nn.Linear(84, spec.num_classes)),
         ]
         super().__init__(spec, stages, activation)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # conv1 normalizes (NormalizingConv2d)
 
 
 def _conv3x3(cin: int, cout: int, pool_first: bool) -> nn.Module:

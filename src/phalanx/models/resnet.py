@@ -9,6 +9,7 @@ has 1 + 18 + 1 = 20 layers, the DVERGE `depth`.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -45,6 +46,8 @@ class BasicBlock(nn.Module):
 class ResNet(Classifier):
     """CIFAR ResNet of depth 6n+2 with taps `stem`, `s{stage}b{block}.mid`, `s{stage}b{block}.out`, `logits`."""
 
+    stackable: ClassVar[bool] = True  # every op acts per channel or per example (models/stacked.py)
+
     def __init__(self, spec: InputSpec, depth: int = 20, activation: Activation | str = Activation.RELU):
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"ResNet depth must be 6n+2 with n >= 1 (20, 26, 32, ...), got {depth}")
@@ -60,6 +63,8 @@ class ResNet(Classifier):
                 blocks[f"s{stage}b{b}"] = BasicBlock(cin, width, stride, activation)
                 cin = width
         self.blocks = nn.ModuleDict(blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
         self.fc = nn.Linear(64, spec.num_classes)
         names = ["stem"]
         for key in blocks:
@@ -81,5 +86,4 @@ class ResNet(Classifier):
             if stop_at is not None and stop_at.startswith(key + "."):
                 return block(z, stop_at.split(".")[1], pre_activation)
             z = block(z)
-        z = torch.flatten(nn.functional.adaptive_avg_pool2d(z, 1), 1)
-        return self.fc(z)
+        return self.fc(self.flatten(self.pool(z)))

@@ -12,24 +12,25 @@ loss_i = coeff * loss_i + CE(f_i(PGD_i(x_s)), y_s), as the authors' train_dverge
 
 Speed (see benchmarks/RESULTS.md): target features once per distillation instead of once
 per step; input gradients only (parameters frozen during distillation); inputs in
-channels_last; and, for members whose output does not depend on the rest of the batch (no
-BatchNorm in train mode), one forward of member i over all other members' distilled batches.
-Stacking same-architecture members with torch.func (vmap) was measured on CPU and did not
-help, so it is not used.
+channels_last; members of one small architecture run stacked (models/stacked.py: one
+grouped kernel per layer for all members, in the distillation and in the update); and, for
+members whose output does not depend on the rest of the batch (no BatchNorm in train mode),
+one forward of member i over all other members' distilled batches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phalanx.attacks.distillation import DistillConfig, distill_with
+from phalanx.attacks.distillation import DistillConfig, distill_stacked, distill_with
 from phalanx.models import Classifier
+from phalanx.models.stacked import StackedMembers, stack_members
 from phalanx.train.api import Batch, StepOutput
 
 
@@ -45,6 +46,9 @@ class DvergeConfig:
     - `plus_adv`, `adv_eps` 8/255, `adv_step` 2/255, `adv_steps` 10, `coeff` 1.0: DVERGE+AdvT
       (authors' --plus-adv, --eps, --alpha, --steps, --dverge-coeff).
     - `channels_last`: speed only (measured faster on CPU); results equal up to float rounding.
+    - `stack_members`: speed only; run the members as one stacked network (models/stacked.py).
+      `auto` stacks architectures measured faster that way (the seed Conv), `always` every
+      stackable ensemble (an error otherwise), `never` none. Results equal up to float rounding.
 
     The authors' code has no clean cross-entropy term (report eq. 4's first term) and only the
     "all other members" schedule, so neither is an option here.
@@ -59,6 +63,7 @@ class DvergeConfig:
     adv_steps: int = 10
     coeff: float = 1.0
     channels_last: bool = True
+    stack_members: Literal["auto", "always", "never"] = "auto"
 
     def __post_init__(self) -> None:
         if self.fixed_layer is not None and self.layers and self.fixed_layer not in self.layers:
@@ -71,6 +76,8 @@ class DvergeConfig:
             raise ValueError(f"adv_steps must be an integer >= 1, got {self.adv_steps!r}")
         if not self.coeff >= 0:
             raise ValueError(f"coeff must be >= 0, got {self.coeff}")
+        if self.stack_members not in ("auto", "always", "never"):
+            raise ValueError(f"stack_members must be auto, always or never, got {self.stack_members!r}")
 
 
 def batch_coupled(model: nn.Module) -> bool:
@@ -108,6 +115,8 @@ class Dverge:
     def __init__(self, cfg: DvergeConfig) -> None:
         self.cfg = cfg
         self.layers: list[str] | None = None
+        self._stack: StackedMembers | None = None
+        self._stack_key: tuple[object, ...] = ()
 
     def start_epoch(self, epoch: int, members: Sequence[Classifier],
                     rng: torch.Generator) -> dict[str, object]:
@@ -129,21 +138,44 @@ class Dverge:
         if self.cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
             x_s = x_s.contiguous(memory_format=torch.channels_last)
-        distilled = [distill_with(m, x_s, x, layer=layer, config=self.cfg.distill, generator=rng)
-                     for m, layer in zip(members, self.layers)]
+        stack = self._stacked(members)
+        if stack is not None:
+            distilled = distill_stacked(stack, x_s, x, layer=self.layers[0], config=self.cfg.distill,
+                                        generator=rng)
+        else:
+            distilled = [distill_with(m, x_s, x, layer=layer, config=self.cfg.distill, generator=rng)
+                         for m, layer in zip(members, self.layers)]
         adv = [self._adversarial(m, x_s, y_s, rng) for m in members] if self.cfg.plus_adv else None
 
-        terms, div_logs = [], []
-        for i, m in enumerate(members):
-            inputs = [d for j, d in enumerate(distilled) if j != i]
-            if adv is not None:
-                inputs.append(adv[i])
-            per_input = _mean_ce_per_input(m, inputs, y_s)
-            div = per_input[: len(members) - 1].sum()
-            div_logs.append(float(div.detach()))
-            terms.append(self.cfg.coeff * div + per_input[-1] if adv is not None else div)
+        # ce[i, k]: member i's mean CE on its k-th other member's distilled batch, then its own PGD batch
+        if stack is not None:
+            ce = _stacked_mean_ce(stack, distilled, adv, y_s)
+        else:
+            ce = torch.stack([
+                _mean_ce_per_input(m, [d for j, d in enumerate(distilled) if j != i] + ([adv[i]] if adv else []), y_s)
+                for i, m in enumerate(members)])
+        div = ce[:, : len(members) - 1].sum(dim=1)
+        terms = self.cfg.coeff * div + ce[:, -1] if adv is not None else div
+        div_logs = div.detach().tolist()
         extras = {"diversity_loss": sum(div_logs) / len(div_logs)}
-        return StepOutput(torch.stack(terms).sum(), [float(t.detach()) for t in terms], extras)
+        return StepOutput(terms.sum(), terms.detach().tolist(), extras)
+
+    def _stacked(self, members: Sequence[Classifier]) -> StackedMembers | None:
+        """The members as one stacked network when `stack_members` asks for it (built once, reused)."""
+        mode = self.cfg.stack_members
+        if mode == "never" or len(set(self.layers or ())) > 1:
+            return None
+        if mode == "auto" and not all(getattr(type(m), "prefers_stacking", False) for m in members):
+            return None
+        first = next(members[0].parameters())
+        key = (*map(id, members), first.device, first.dtype)
+        if self._stack is None or self._stack_key != key:
+            self._stack, self._stack_key = stack_members(members), key
+        if self._stack is None and mode == "always":
+            raise ValueError("stack_members = always, but these members cannot be stacked (they need one "
+                             "stackable architecture: " + ", ".join(sorted({type(m).__name__ for m in members}))
+                             + "); use auto or never")
+        return self._stack
 
     def diagnostics(self, members: Sequence[Classifier], x_u8: torch.Tensor, y: torch.Tensor,
                     rng: torch.Generator) -> dict[str, object]:
@@ -197,6 +229,25 @@ def _mean_ce_per_input(model: Classifier, inputs: list[torch.Tensor], y: torch.T
     logits = model(torch.cat(inputs))
     ce = F.cross_entropy(logits, y.repeat(len(inputs)), reduction="none")
     return ce.view(len(inputs), -1).mean(dim=1)
+
+
+def _stacked_mean_ce(stack: StackedMembers, distilled: list[torch.Tensor], adv: list[torch.Tensor] | None,
+                     y: torch.Tensor) -> torch.Tensor:
+    """`_mean_ce_per_input` for every member at once: (M, M - 1 [+ 1]) mean cross-entropies.
+
+    Slot k gives member i its k-th other member's distilled batch, in increasing member order
+    as the per-member loop (which matters for train-mode BatchNorm's running statistics).
+    """
+    n = len(stack)
+    slots = [stack.stack([distilled[k + (k >= i)] for i in range(n)]) for k in range(n - 1)]
+    if adv is not None:
+        slots.append(stack.stack(adv))
+    if any(batch_coupled(m) for m in stack.members):  # train-mode BatchNorm: one batch per forward
+        logits = torch.cat([stack.logits(z) for z in slots], dim=1)
+    else:
+        logits = stack.logits(torch.cat(slots))
+    ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(n * len(slots)), reduction="none")
+    return ce.view(n, len(slots), -1).mean(dim=2)
 
 
 DIAGNOSTIC_EXAMPLES = 256
