@@ -111,15 +111,17 @@ def test_fast_equals_plain(arch, layer, stacking):
             torch.testing.assert_close(pf, pp, atol=1e-10, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("plus_adv", [False, True], ids=["dverge", "dverge-advt"])
-def test_stacked_equals_member_by_member_with_batchnorm(plus_adv):
-    """ResNet-20 in train mode: the same update and the same BatchNorm running statistics (float64)."""
-    spec = InputSpec(3, 8, 10, (0.5,) * 3, (0.25,) * 3)
+@pytest.mark.parametrize("arch,layer", [("conv", "conv2"), ("resnet20", "s2b2.mid")])
+@pytest.mark.parametrize("plus_adv,clean_weight", [(False, 0.0), (True, 0.0), (False, 0.5)],
+                         ids=["dverge", "dverge-advt", "with-clean-term"])
+def test_stacked_equals_member_by_member(arch, layer, plus_adv, clean_weight):
+    """The same losses, update and (ResNet-20 in train mode) BatchNorm running statistics (float64)."""
+    spec = SPEC16 if arch == "conv" else InputSpec(3, 8, 10, (0.5,) * 3, (0.25,) * 3)
     runs = {}
     for stacking in ("always", "never"):
-        members = _members("resnet20", spec=spec, dtype=torch.float64)
-        cfg = DvergeConfig(fixed_layer="s2b2.mid", plus_adv=plus_adv, adv_steps=2, stack_members=stacking,
-                           distill=DistillConfig(steps=3))
+        members = _members(arch, spec=spec, dtype=torch.float64)
+        cfg = DvergeConfig(fixed_layer=layer, plus_adv=plus_adv, adv_steps=2, clean_weight=clean_weight,
+                           stack_members=stacking, distill=DistillConfig(steps=3))
         opt = torch.optim.SGD([p for m in members for p in m.parameters()], lr=0.1)
         out = Dverge(cfg).loss(members, _batch(6, spec, dtype=torch.float64), torch.Generator().manual_seed(2))
         opt.zero_grad()
@@ -162,6 +164,23 @@ def test_plus_adv_adds_the_adversarial_term():
     # loss_i = coeff * div_i + CE(f_i(PGD_i(x_s)), y_s) with a non-negative CE
     assert all(a >= 0.5 * d - 1e-6 for a, d in zip(out.member_losses, div.member_losses))
     assert out.extras["diversity_loss"] == pytest.approx(div.extras["diversity_loss"], rel=1e-5)
+
+
+def test_clean_weight_adds_report_eq4_clean_term():
+    """loss_i = coeff * sum_j CE(f_i(x'_j), y_s) + clean_weight * CE(f_i(x), y)  (report eq. 4)."""
+    members = _members("conv")
+    batch = _batch()
+    base = Dverge(DvergeConfig(fixed_layer="fc1", distill=DistillConfig(steps=2)))
+    plain = base.loss(members, batch, torch.Generator().manual_seed(0))
+    both = Dverge(DvergeConfig(fixed_layer="fc1", distill=DistillConfig(steps=2), coeff=0.5, clean_weight=2.0))
+    out = both.loss(members, batch, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        clean = [float(F.cross_entropy(m(batch.x), batch.y)) for m in members]
+    expected = [0.5 * d + 2.0 * c for d, c in zip(plain.member_losses, clean)]
+    assert out.member_losses == pytest.approx(expected, rel=1e-5)
+    assert out.extras["clean_loss"] == pytest.approx(sum(clean) / 3, rel=1e-5)
+    with pytest.raises(ValueError, match="clean_weight"):
+        DvergeConfig(clean_weight=-1.0)
 
 
 def test_bad_config_and_missing_source_batch():

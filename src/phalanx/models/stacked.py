@@ -182,6 +182,20 @@ class StackedMembers:
         return self._net(x)
 
 
+class StackedLogits(nn.Module):
+    """A stack as one model for the attack template (attacks/core.py): (B, M*C, H, W) in,
+    (M*B, classes) out, member-major, so that labels repeated M times score every member on
+    its own part of the input. The members are its submodules (for eval mode and freezing)."""
+
+    def __init__(self, stack: StackedMembers):
+        super().__init__()
+        self.stack = stack
+        self.members = nn.ModuleList(stack.members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack.logits(x).flatten(0, 1)
+
+
 def stack_members(members: Sequence[Classifier]) -> StackedMembers | None:
     """The members run as one network, or None when they cannot be stacked.
 

@@ -8,7 +8,8 @@ features of the target x at layer l), then member i minimizes
 
 i.e. it learns to classify the other members' weak features by the source label, which
 makes them strong features of f_i. With `plus_adv` (DVERGE+AdvT, report section 4),
-loss_i = coeff * loss_i + CE(f_i(PGD_i(x_s)), y_s), as the authors' train_dverge.py.
+loss_i = coeff * loss_i + CE(f_i(PGD_i(x_s)), y_s), as the authors' train_dverge.py; with
+`clean_weight` > 0, clean_weight * CE(f_i(x), y) is added, the first term of report eq. 4.
 
 Speed (see benchmarks/RESULTS.md): target features once per distillation instead of once
 per step; input gradients only (parameters frozen during distillation); inputs in
@@ -30,7 +31,7 @@ from torch import nn
 
 from phalanx.attacks.distillation import DistillConfig, distill_stacked, distill_with
 from phalanx.models import Classifier
-from phalanx.models.stacked import StackedMembers, stack_members
+from phalanx.models.stacked import StackedLogits, StackedMembers, stack_members
 from phalanx.train.api import Batch, StepOutput
 
 
@@ -44,14 +45,18 @@ class DvergeConfig:
       as the authors' `random.randint(1, depth)`, which includes the logits layer.
     - `fixed_layer`: always distill at this layer (authors' --distill-fixed-layer/--distill-layer).
     - `plus_adv`, `adv_eps` 8/255, `adv_step` 2/255, `adv_steps` 10, `coeff` 1.0: DVERGE+AdvT
-      (authors' --plus-adv, --eps, --alpha, --steps, --dverge-coeff).
+      (authors' --plus-adv, --eps, --alpha, --steps, --dverge-coeff). `coeff` weights the
+      diversity term whatever else is added.
+    - `clean_weight` 0.0: weight of the clean cross-entropy CE(f_i(x), y) on the target batch.
+      Report eq. 4 is `clean_weight: 1` with `coeff` its alpha; the authors' code has no such
+      term, hence 0.
     - `channels_last`: speed only (measured faster on CPU); results equal up to float rounding.
     - `stack_members`: speed only; run the members as one stacked network (models/stacked.py).
       `auto` stacks architectures measured faster that way (the seed Conv), `always` every
       stackable ensemble (an error otherwise), `never` none. Results equal up to float rounding.
 
-    The authors' code has no clean cross-entropy term (report eq. 4's first term) and only the
-    "all other members" schedule, so neither is an option here.
+    The authors' code trains each member on all other members' distilled batches at every step;
+    neither it nor the report defines another schedule, so there is no option for one.
     """
 
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -62,6 +67,7 @@ class DvergeConfig:
     adv_step: float = 2 / 255
     adv_steps: int = 10
     coeff: float = 1.0
+    clean_weight: float = 0.0
     channels_last: bool = True
     stack_members: Literal["auto", "always", "never"] = "auto"
 
@@ -76,6 +82,8 @@ class DvergeConfig:
             raise ValueError(f"adv_steps must be an integer >= 1, got {self.adv_steps!r}")
         if not self.coeff >= 0:
             raise ValueError(f"coeff must be >= 0, got {self.coeff}")
+        if not self.clean_weight >= 0:
+            raise ValueError(f"clean_weight must be >= 0, got {self.clean_weight}")
         if self.stack_members not in ("auto", "always", "never"):
             raise ValueError(f"stack_members must be auto, always or never, got {self.stack_members!r}")
 
@@ -145,19 +153,35 @@ class Dverge:
         else:
             distilled = [distill_with(m, x_s, x, layer=layer, config=self.cfg.distill, generator=rng)
                          for m, layer in zip(members, self.layers)]
-        adv = [self._adversarial(m, x_s, y_s, rng) for m in members] if self.cfg.plus_adv else None
+        n = len(members)
+        # inputs[i]: member i's batches: its other members' distilled ones (increasing member
+        # order), then the clean target batch and its own PGD batch when asked for
+        inputs = [[d for j, d in enumerate(distilled) if j != i] for i in range(n)]
+        labels = [y_s] * (n - 1)
+        if self.cfg.clean_weight > 0:
+            for own in inputs:
+                own.append(x)
+            labels.append(batch.y)
+        if self.cfg.plus_adv:
+            adv = (self._adversarial_stacked(stack, x_s, y_s, rng) if stack is not None
+                   else [self._adversarial(m, x_s, y_s, rng) for m in members])
+            for own, a in zip(inputs, adv):
+                own.append(a)
+            labels.append(y_s)
+        ce = (_stacked_mean_ce(stack, inputs, labels) if stack is not None
+              else torch.stack([_mean_ce_per_input(m, own, labels) for m, own in zip(members, inputs)]))
 
-        # ce[i, k]: member i's mean CE on its k-th other member's distilled batch, then its own PGD batch
-        if stack is not None:
-            ce = _stacked_mean_ce(stack, distilled, adv, y_s)
-        else:
-            ce = torch.stack([
-                _mean_ce_per_input(m, [d for j, d in enumerate(distilled) if j != i] + ([adv[i]] if adv else []), y_s)
-                for i, m in enumerate(members)])
-        div = ce[:, : len(members) - 1].sum(dim=1)
-        terms = self.cfg.coeff * div + ce[:, -1] if adv is not None else div
-        div_logs = div.detach().tolist()
-        extras = {"diversity_loss": sum(div_logs) / len(div_logs)}
+        div = ce[:, : n - 1].sum(dim=1)
+        terms = self.cfg.coeff * div
+        extras = {"diversity_loss": float(div.detach().mean())}
+        column = n - 1
+        if self.cfg.clean_weight > 0:
+            terms = terms + self.cfg.clean_weight * ce[:, column]
+            extras["clean_loss"] = float(ce[:, column].detach().mean())
+            column += 1
+        if self.cfg.plus_adv:
+            terms = terms + ce[:, column]
+            extras["adversarial_loss"] = float(ce[:, column].detach().mean())
         return StepOutput(terms.sum(), terms.detach().tolist(), extras)
 
     def _stacked(self, members: Sequence[Classifier]) -> StackedMembers | None:
@@ -216,37 +240,48 @@ class Dverge:
         return pgd(m, x_s, y_s, eps=self.cfg.adv_eps, alpha=self.cfg.adv_step, steps=self.cfg.adv_steps,
                    random_start=True, generator=rng)
 
+    def _adversarial_stacked(self, stack: StackedMembers, x_s: torch.Tensor, y_s: torch.Tensor,
+                             rng: torch.Generator) -> list[torch.Tensor]:
+        """`_adversarial` for every member by one stacked PGD: the same random starts, in member order."""
+        from phalanx.attacks.core import Norm, attack_mode, iterate, sample_in_ball
 
-def _mean_ce_per_input(model: Classifier, inputs: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of `model` on each batch in `inputs` (all labelled `y`), shape (len(inputs),).
+        n = len(stack)
+        starts = [sample_in_ball(x_s, eps=self.cfg.adv_eps, norm=Norm.LINF, generator=rng) for _ in range(n)]
+        model = StackedLogits(stack)
+        with attack_mode(model), stack.parameters_fixed():
+            adv = iterate(model, stack.stack([x_s] * n), y_s.repeat(n), stack.stack(starts),
+                          eps=self.cfg.adv_eps, alpha=self.cfg.adv_step, steps=self.cfg.adv_steps, norm=Norm.LINF)
+        return stack.unstack(adv)
+
+
+def _mean_ce_per_input(model: Classifier, inputs: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of `model` on each batch in `inputs` (labelled by `labels`), shape (len(inputs),).
 
     One forward over the concatenation when the model treats examples independently; with
     train-mode BatchNorm, one forward per batch, so that batch statistics stay per batch as
     in the authors' loop.
     """
     if batch_coupled(model) or len(inputs) == 1:
-        return torch.stack([F.cross_entropy(model(z), y) for z in inputs])
+        return torch.stack([F.cross_entropy(model(z), y) for z, y in zip(inputs, labels)])
     logits = model(torch.cat(inputs))
-    ce = F.cross_entropy(logits, y.repeat(len(inputs)), reduction="none")
+    ce = F.cross_entropy(logits, torch.cat(labels), reduction="none")
     return ce.view(len(inputs), -1).mean(dim=1)
 
 
-def _stacked_mean_ce(stack: StackedMembers, distilled: list[torch.Tensor], adv: list[torch.Tensor] | None,
-                     y: torch.Tensor) -> torch.Tensor:
-    """`_mean_ce_per_input` for every member at once: (M, M - 1 [+ 1]) mean cross-entropies.
+def _stacked_mean_ce(stack: StackedMembers, inputs: list[list[torch.Tensor]],
+                     labels: list[torch.Tensor]) -> torch.Tensor:
+    """`_mean_ce_per_input` for every member at once: (M, batches per member) mean cross-entropies.
 
-    Slot k gives member i its k-th other member's distilled batch, in increasing member order
-    as the per-member loop (which matters for train-mode BatchNorm's running statistics).
+    Slot k stacks every member's k-th batch, so each member sees its batches in the order of
+    the per-member loop (which matters for train-mode BatchNorm's running statistics).
     """
     n = len(stack)
-    slots = [stack.stack([distilled[k + (k >= i)] for i in range(n)]) for k in range(n - 1)]
-    if adv is not None:
-        slots.append(stack.stack(adv))
+    slots = [stack.stack([own[k] for own in inputs]) for k in range(len(labels))]
     if any(batch_coupled(m) for m in stack.members):  # train-mode BatchNorm: one batch per forward
         logits = torch.cat([stack.logits(z) for z in slots], dim=1)
     else:
         logits = stack.logits(torch.cat(slots))
-    ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(n * len(slots)), reduction="none")
+    ce = F.cross_entropy(logits.flatten(0, 1), torch.cat(labels).repeat(n), reduction="none")
     return ce.view(n, len(slots), -1).mean(dim=2)
 
 
