@@ -17,6 +17,7 @@ import time
 import torch
 
 from phalanx.attacks import pgd
+from phalanx.memory import keep_freed_memory
 from phalanx.models import InputSpec, Mixture, build_model
 
 CIFAR = InputSpec(3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--impl", choices=["phalanx", "torchattacks"], default="phalanx",
                    help="whose PGD to time (torchattacks: pip install --no-deps torchattacks scipy)")
     args = p.parse_args(argv)
+    keep_freed_memory()  # as the phalanx CLI does (phalanx/memory.py)
     if args.members < 1 or args.batch_size < 1 or args.iters < 1 or args.steps < 1:
         p.error("--members, --batch-size, --iters and --steps must be >= 1")
     device = torch.device(args.device)

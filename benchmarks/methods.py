@@ -24,6 +24,7 @@ from torch import nn
 
 from benchmarks.dverge import CIFAR
 from phalanx.config import OptimConfig
+from phalanx.memory import keep_freed_memory
 from phalanx.models import Classifier, build_model
 from phalanx.train.adversarial import Adversarial, AdversarialConfig
 from phalanx.train.api import Batch
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    keep_freed_memory()  # as the phalanx CLI does (phalanx/memory.py)
     if args.members < 2 or args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
         p.error("need --members >= 2 (DVERGE, GAL and GDR compare members), --batch-size >= 1, "
                 "--iters >= 1, --warmup >= 0")

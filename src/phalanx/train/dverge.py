@@ -153,28 +153,43 @@ class Dverge:
         else:
             distilled = [distill_with(m, x_s, x, layer=layer, config=self.cfg.distill, generator=rng)
                          for m, layer in zip(members, self.layers)]
-        n = len(members)
-        # inputs[i]: member i's batches: its other members' distilled ones (increasing member
-        # order), then the clean target batch and its own PGD batch when asked for
-        inputs = [[d for j, d in enumerate(distilled) if j != i] for i in range(n)]
-        labels = [y_s] * (n - 1)
-        if self.cfg.clean_weight > 0:
-            for own in inputs:
-                own.append(x)
-            labels.append(batch.y)
-        if self.cfg.plus_adv:
-            adv = (self._adversarial_stacked(stack, x_s, y_s, rng) if stack is not None
-                   else [self._adversarial(m, x_s, y_s, rng) for m in members])
-            for own, a in zip(inputs, adv):
-                own.append(a)
-            labels.append(y_s)
+        inputs, labels = self._member_batches(members, stack, distilled, Batch(x, batch.y, x_s, y_s), rng)
         ce = (_stacked_mean_ce(stack, inputs, labels) if stack is not None
               else torch.stack([_mean_ce_per_input(m, own, labels) for m, own in zip(members, inputs)]))
+        return self._combine(ce)
 
-        div = ce[:, : n - 1].sum(dim=1)
+    def _member_batches(self, members: Sequence[Classifier], stack: StackedMembers | None,
+                        distilled: list[torch.Tensor], batch: Batch, rng: torch.Generator
+                        ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+        """What each member trains on, and the labels (shared by all members) of each batch.
+
+        Member i's batches: its other members' distilled ones in increasing member order (as the
+        authors' loop), then the clean target batch (`clean_weight`) and its own PGD batch
+        (`plus_adv`) when asked for.
+        """
+        n = len(members)
+        inputs = [[d for j, d in enumerate(distilled) if j != i] for i in range(n)]
+        labels = [batch.y_source] * (n - 1)
+        if self.cfg.clean_weight > 0:
+            for own in inputs:
+                own.append(batch.x)
+            labels.append(batch.y)
+        if self.cfg.plus_adv:
+            adv = (self._adversarial_stacked(stack, batch.x_source, batch.y_source, rng) if stack is not None
+                   else [self._adversarial(m, batch.x_source, batch.y_source, rng) for m in members])
+            for own, a in zip(inputs, adv):
+                own.append(a)
+            labels.append(batch.y_source)
+        return inputs, labels
+
+    def _combine(self, ce: torch.Tensor) -> StepOutput:
+        """Each member's loss from its mean cross-entropies `ce` (members x batches, as
+        `_member_batches` lists them): coeff * diversity [+ clean_weight * clean] [+ adversarial]."""
+        others = ce.shape[0] - 1
+        div = ce[:, :others].sum(dim=1)
         terms = self.cfg.coeff * div
         extras = {"diversity_loss": float(div.detach().mean())}
-        column = n - 1
+        column = others
         if self.cfg.clean_weight > 0:
             terms = terms + self.cfg.clean_weight * ce[:, column]
             extras["clean_loss"] = float(ce[:, column].detach().mean())
