@@ -19,13 +19,20 @@ SETTINGS = ["data.dataset=digits", "data.train_subset=200", "data.val_size=0", "
             "device=cpu", "train.checkpoint_every_steps=3"]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
-    single = train(load_config(None, SETTINGS), tmp_path / "single", progress=False)
+# DVERGE: two batches per step, the members stacked (seed Conv), a layer drawn per epoch from the
+# synchronized stream; distillation is per example, so each rank's shard distills as one process would
+DVERGE = ["train.method=dverge", "method.distill.steps=2"]
+
+
+@pytest.mark.parametrize("method", [[], DVERGE], ids=["baseline", "dverge"])
+def test_two_gloo_processes_match_one_process(tmp_path, method):
+    settings = SETTINGS + method
+    single = train(load_config(None, settings), tmp_path / "single", progress=False)
 
     out = tmp_path / "ddp"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "phalanx", "train", "quickstart/baseline", "--out", str(out), "--quiet"]
-    for s in SETTINGS:
+    for s in settings:
         argv += ["--set", s]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=90)
