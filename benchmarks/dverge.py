@@ -8,6 +8,10 @@ draws uniformly per epoch and the mean is a fair per-iteration cost. Prints one 
 per iteration, then, as the last line, one JSON object with the timings: wall time, and the
 process's CPU time, which is less sensitive to other jobs on a shared machine (with one thread
 it is close to the wall time the iteration would take on an idle core).
+
+`--impl fast` is `phalanx.train.dverge.Dverge` as the training loop runs it (`--stack` sets its
+`stack_members`); `--impl plain` is `phalanx.train.dverge_reference`. Both run after
+`phalanx.memory.keep_freed_memory()`, as the CLI does, unless `--no-malloc-tuning`.
 """
 
 from __future__ import annotations
