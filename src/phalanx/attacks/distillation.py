@@ -148,25 +148,38 @@ def distill(
     Example: ``distill(f, xs, xt, layer="conv2", eps=0.07, step_size=0.007, steps=10)``.
     """
     _check(eps, step_size, steps, momentum)
+    _check_same_shape(x_source, x_target)
+    with frozen_parameters(model):
+        return _match_features(
+            lambda x: model.features(x, layer, pre_activation=pre_activation), x_source, x_target, eps=eps,
+            step_size=step_size, steps=steps, momentum=momentum, random_start=random_start, generator=generator,
+        )
+
+
+def _check_same_shape(x_source: torch.Tensor, x_target: torch.Tensor) -> None:
     if x_source.shape != x_target.shape:
         raise ValueError(f"x_source and x_target must have the same shape, got {tuple(x_source.shape)} "
                          f"and {tuple(x_target.shape)}")
-    with frozen_parameters(model):
-        with torch.no_grad():
-            target = model.features(x_target, layer, pre_activation=pre_activation)
 
-        def grad_fn(x: torch.Tensor) -> torch.Tensor:
-            # the gradient of 1/2 ||f(x) - target||^2, i.e. of the authors' MSE up to the
-            # constant factor 2 / numel, without building the loss
-            with torch.enable_grad():
-                features = model.features(x, layer, pre_activation=pre_activation)
-                (grad,) = torch.autograd.grad(features, x, grad_outputs=features.detach() - target)
-            return grad
 
-        return signed_descent(
-            grad_fn, x_source, eps=eps, step_size=step_size, steps=steps, momentum=momentum,
-            random_start=random_start, generator=generator,
-        )
+def _match_features(features: Callable[[torch.Tensor], torch.Tensor], x_source: torch.Tensor,
+                    x_target: torch.Tensor, *, eps: float, step_size: float, steps: int, momentum: float | None,
+                    random_start: bool, generator: torch.Generator | None, channel_groups: int = 1) -> torch.Tensor:
+    """Eq. 1 for a feature function whose parameters the caller has frozen: the target features
+    once, without grad, then `signed_descent` on 1/2 ||features(x) - target||^2."""
+    with torch.no_grad():
+        target = features(x_target)
+
+    def grad_fn(x: torch.Tensor) -> torch.Tensor:
+        # the gradient of 1/2 ||f(x) - target||^2, i.e. of the authors' MSE up to the
+        # constant factor 2 / numel, without building the loss
+        with torch.enable_grad():
+            current = features(x)
+            (grad,) = torch.autograd.grad(current, x, grad_outputs=current.detach() - target)
+        return grad
+
+    return signed_descent(grad_fn, x_source, eps=eps, step_size=step_size, steps=steps, momentum=momentum,
+                          random_start=random_start, generator=generator, channel_groups=channel_groups)
 
 
 def distill_with(model: nn.Module, x_source: torch.Tensor, x_target: torch.Tensor, *, layer: str,
@@ -186,23 +199,13 @@ def distill_stacked(stack: StackedMembers, x_source: torch.Tensor, x_target: tor
     Returns each member's distilled batch, as M calls of `distill_with` would (the same random
     start draws, in member order), computed by one stacked forward and backward per step.
     """
-    if x_source.shape != x_target.shape:
-        raise ValueError(f"x_source and x_target must have the same shape, got {tuple(x_source.shape)} "
-                         f"and {tuple(x_target.shape)}")
+    _check_same_shape(x_source, x_target)
     n = len(stack)
     with frozen_parameters(*stack.members), stack.parameters_fixed():
-        with torch.no_grad():
-            target = stack.features(stack.stack([x_target] * n), layer, pre_activation=config.pre_activation)
-
-        def grad_fn(x: torch.Tensor) -> torch.Tensor:
-            with torch.enable_grad():
-                features = stack.features(x, layer, pre_activation=config.pre_activation)
-                (grad,) = torch.autograd.grad(features, x, grad_outputs=features.detach() - target)
-            return grad
-
-        distilled = signed_descent(
-            grad_fn, stack.stack([x_source] * n), eps=config.eps, step_size=config.step_size,
-            steps=config.steps, momentum=config.momentum, random_start=config.random_start,
-            generator=generator, channel_groups=n,
+        distilled = _match_features(
+            lambda x: stack.features(x, layer, pre_activation=config.pre_activation),
+            stack.stack([x_source] * n), stack.stack([x_target] * n), eps=config.eps, step_size=config.step_size,
+            steps=config.steps, momentum=config.momentum, random_start=config.random_start, generator=generator,
+            channel_groups=n,
         )
     return stack.unstack(distilled)

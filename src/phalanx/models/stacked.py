@@ -216,9 +216,11 @@ def stack_members(members: Sequence[Classifier]) -> StackedMembers | None:
             return None
     net = copy.deepcopy(first)
     for name, module in list(net.named_modules()):
-        if next(module.children(), None) is not None or isinstance(module, _PER_CHANNEL):
-            if not isinstance(module, _PER_CHANNEL) and any(True for _ in module.parameters(recurse=False)):
-                return None  # a container with parameters of its own
+        if isinstance(module, _PER_CHANNEL):
+            continue
+        if next(module.children(), None) is not None:  # a container; its code is vouched for by `stackable`
+            if any(True for _ in module.parameters(recurse=False)):
+                return None  # with parameters of its own, which nothing here would stack
             continue
         if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.Flatten)):
             return None
