@@ -28,6 +28,7 @@ from phalanx.attacks import (
     rfgsm,
     run_attack,
 )
+from phalanx.models import Mixture
 
 CLASSES, SIZE = 4, 8
 
@@ -265,21 +266,37 @@ def test_apgd_never_returns_a_worse_point_than_its_start(net, task):
 # --- registry and bad arguments ---------------------------------------------------------------
 
 def test_registry_entries_carry_the_papers_defaults():
-    assert AttackSpec("i-fgsm", 0.03).resolved_params() == {"steps": 10, "norm": "linf"}
+    assert AttackSpec("i-fgsm", 0.03).resolved_params() == {"steps": 10, "norm": "linf", "targeted": False}
     assert AttackSpec("mi-fgsm", 0.03).resolved_params()["mu"] == 1.0
     cw = AttackSpec("pgd-cw", 0.03).resolved_params()
     assert (cw["kappa"], cw["steps"]) == (50.0, 30)
     assert AttackSpec("apgd-dlr", 0.03).resolved_params()["loss"] == "dlr"
     with pytest.raises(ValueError, match=r"no parameter\(s\) \['loss'\]"):
         AttackSpec("apgd-ce", 0.03, {"loss": "dlr"})
+    apgd_t = AttackSpec("apgd-t", 0.03).resolved_params()
+    assert (apgd_t["steps"], apgd_t["target_classes"], apgd_t["restarts"]) == (100, 9, 1)  # AutoAttack standard
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.1, 0.3])
+def test_step_defaults_scale_with_eps(eps):
+    """PGD's step is 2.5 * eps / steps (Madry et al.), so steps x step always exceeds eps; an explicit step wins."""
+    for name in ("pgd-linf", "pgd-l2", "pgd-cw"):
+        params = AttackSpec(name, eps).resolved_params()
+        assert params["alpha"] == pytest.approx(2.5 * eps / params["steps"])
+        assert params["alpha"] * params["steps"] > eps
+        assert AttackSpec(name, eps, {"steps": 40}).resolved_params()["alpha"] == pytest.approx(2.5 * eps / 40)
+        assert AttackSpec(name, eps, {"alpha": 0.001}).resolved_params()["alpha"] == 0.001
+    assert AttackSpec("r-fgsm", eps).resolved_params()["alpha"] == pytest.approx(eps / 2)
 
 
 @pytest.mark.parametrize("name", [n for n in AttackName if n not in (AttackName.FGSM,)])
 def test_every_registered_attack_runs_and_stays_in_the_ball(name, net, task):
     x, y = task
     params = {"steps": 3} if "steps" in ATTACKS[name].tunable() else {}
+    params |= {"queries": 50} if "queries" in ATTACKS[name].tunable() else {}
     spec = AttackSpec(name, 0.05 if "l2" not in name.value else 0.3, params)
-    x_adv = run_attack(spec, net, x[:16], y[:16], torch.Generator().manual_seed(0))
+    model = Mixture([net, trained(1)]) if ATTACKS[name].ensemble_only else net
+    x_adv = run_attack(spec, model, x[:16], y[:16], torch.Generator().manual_seed(0))
     assert dist(x_adv, x[:16], Norm(spec.resolved_params()["norm"])) <= spec.eps + 1e-6
 
 
@@ -288,7 +305,9 @@ BAD = [
     (lambda m, x, y: mifgsm(m, x, y, eps=0.1, mu=-1.0), r"mu must be a number >= 0, got -1.0"),
     (lambda m, x, y: mifgsm(m, x, y, eps=0.1, steps=0), r"steps must be an integer >= 1, got 0"),
     (lambda m, x, y: pgd_cw(m, x, y, eps=0.1, kappa=math.nan), r"kappa must be a number >= 0, got nan"),
-    (lambda m, x, y: apgd(m, x, y, eps=0.1, loss="hinge"), r"unknown APGD loss 'hinge'; allowed: \['ce', 'dlr'\]"),
+    (lambda m, x, y: apgd(m, x, y, eps=0.1, loss="hinge"), r"unknown loss 'hinge'; allowed: \['ce', 'cw', 'dlr'\]"),
+    (lambda m, x, y: apgd(m, x, y, eps=0.1, ensemble="mean-logits"), r"needs an ensemble .* got Sequential"),
+    (lambda m, x, y: apgd(m, x, y, eps=0.1, ensemble="median"), r"unknown ensemble objective 'median'"),
     (lambda m, x, y: ifgsm(m, x, y, eps=-0.1), r"eps must be .*>= 0, got -0.1"),
 ]
 

@@ -1,23 +1,27 @@
 """Adversarial attacks as functions `attack(model, x, y, **params) -> x_adv` on one template (core.py)."""
 
-from phalanx.attacks.apgd import apgd, apgd_checkpoints, dlr_objective
+from phalanx.attacks.apgd import apgd, apgd_checkpoints, apgd_t, dlr_objective
 from phalanx.attacks.core import (
+    Ensemble,
     Loss,
     Norm,
     attack_mode,
     attack_objective,
+    coerce_ensemble,
     coerce_loss,
     coerce_norm,
     input_gradient,
     iterate,
+    objective_and_logits,
     project,
     sample_in_ball,
     steepest_step,
+    targeted_dlr,
 )
 from phalanx.attacks.cw import cw_objective, pgd_cw
 from phalanx.attacks.fgsm import fgsm
 from phalanx.attacks.fgsm_family import ifgsm, l1_momentum, mifgsm, rfgsm
-from phalanx.attacks.pgd import pgd
+from phalanx.attacks.pgd import madry_step, pgd
 from phalanx.attacks.registry import (
     ATTACKS,
     ONE_STEP_VERSION,
@@ -37,14 +41,17 @@ __all__ = [
     "AttackEntry",
     "AttackName",
     "AttackSpec",
+    "Ensemble",
     "Loss",
     "Norm",
     "apgd",
     "apgd_checkpoints",
+    "apgd_t",
     "attack_in_batches",
     "attack_mode",
     "attack_objective",
     "coerce_attack_name",
+    "coerce_ensemble",
     "coerce_loss",
     "coerce_norm",
     "cw_objective",
@@ -54,7 +61,9 @@ __all__ = [
     "input_gradient",
     "iterate",
     "l1_momentum",
+    "madry_step",
     "mifgsm",
+    "objective_and_logits",
     "pgd",
     "pgd_cw",
     "project",
@@ -62,4 +71,5 @@ __all__ = [
     "run_attack",
     "sample_in_ball",
     "steepest_step",
+    "targeted_dlr",
 ]

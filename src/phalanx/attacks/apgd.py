@@ -7,12 +7,13 @@ checkpoints where progress stalled, restarting from the best point found so far.
 
 from __future__ import annotations
 
-from enum import Enum
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from phalanx.attacks.core import (
+    Ensemble,
     Loss,
     Norm,
     _per_example,
@@ -21,38 +22,27 @@ from phalanx.attacks.core import (
     check_count,
     check_eps,
     check_inputs,
+    coerce_ensemble,
+    coerce_loss,
     coerce_norm,
     is_worse_case,
+    objective_and_logits,
     project,
     sample_in_ball,
     steepest_step,
     succeeded,
+    targeted_dlr,
 )
-from phalanx.enums import coerce_enum
-
-
-class ApgdLoss(str, Enum):
-    CE = "ce"
-    DLR = "dlr"
-
-
-def coerce_apgd_loss(loss: ApgdLoss | str) -> ApgdLoss:
-    return coerce_enum(ApgdLoss, loss, "APGD loss")
+from phalanx.models.mixture import mixture_log_probs
 
 
 def dlr_objective(logits: torch.Tensor, y: torch.Tensor, *, targeted: bool) -> torch.Tensor:
     """The DLR loss the attacker ascends (Croce & Hein 2020, eq. 5), per example:
-    (max_{j != y} z_j - z_y) / (z_pi1 - z_pi3 + 1e-12), z_pi sorted in decreasing order.
-
-    Invariant to shifting and rescaling the logits. Targeted (y = target t): its negation on t,
-    (z_t - max_{j != t} z_j) / (z_pi1 - z_pi3); the paper's targeted DLR (eq. 6) also needs the
-    true class, which this attack interface does not carry.
+    (max_{j != y} z_j - z_y) / (z_pi1 - z_pi3 + 1e-12), z_pi sorted in decreasing order; targeted
+    (y = target t) its negation on t. APGD-T uses the paper's targeted DLR (eq. 6, `targeted_dlr`),
+    which also needs the true class.
     """
-    if logits.shape[1] < 3:
-        raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
-    top = logits.topk(3, dim=1).values
-    margin = attack_objective(logits, y, loss=Loss.CW, targeted=targeted)
-    return margin / (top[:, 0] - top[:, 2] + 1e-12)
+    return attack_objective(logits, y, loss=Loss.DLR, targeted=targeted)
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -69,9 +59,62 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return out
 
 
+# (x_k) -> (objective to ascend, its input gradient, success) for every example of the batch
+Evaluate = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _apgd_run(x: torch.Tensor, x_start: torch.Tensor, evaluate: Evaluate, *, eps: float, steps: int, norm: Norm,
+              momentum: float, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """APGD's loop (Croce & Hein 2020, Algorithm 1) from `x_start`; returns, per example, an iterate
+    that succeeded if any did, else the highest-objective one, and whether it succeeded."""
+    def pick(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(_per_example(mask, a), a, b)
+
+    checkpoints = set(apgd_checkpoints(steps))
+    x_k = x_start
+    value, grad, success = evaluate(x_k)
+    x_max, f_max, grad_max = x_k, value, grad  # highest-loss point, where restarts go
+    best, best_success, best_value = x_k, success, value  # what is returned
+    eta = torch.full_like(value, 2 * eps)
+    x_prev, rises, last_check = x_k, torch.zeros_like(value), 0
+    # "halved" at the start, so condition (2) cannot fire at the first checkpoint (autopgd_base.py)
+    f_max_at_check, halved_at_check = f_max.clone(), torch.ones_like(success)
+    for k in range(steps):
+        z = project(x_k + _per_example(eta, x_k) * steepest_step(grad, norm), x, eps=eps, norm=norm)
+        a = 1.0 if k == 0 else momentum
+        x_new = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev), x, eps=eps, norm=norm)
+        value_new, grad_new, success_new = evaluate(x_new)
+        rises += (value_new > value).to(rises.dtype)
+        improved = value_new > f_max
+        x_max, grad_max = pick(improved, x_new, x_max), pick(improved, grad_new, grad_max)
+        f_max = torch.where(improved, value_new, f_max)
+        better = is_worse_case(success_new, value_new, best_success, best_value)
+        best, best_value = pick(better, x_new, best), torch.where(better, value_new, best_value)
+        best_success = best_success | success_new
+        x_prev, x_k, value, grad = x_k, x_new, value_new, grad_new
+        if k + 1 in checkpoints:
+            stalled = rises <= rho * (k + 1 - last_check)  # <=, as autopgd_base.py's check_oscillation
+            flat = ~halved_at_check & (f_max <= f_max_at_check)
+            halve = stalled | flat
+            eta = torch.where(halve, eta / 2, eta)
+            # restart from the best point; as autopgd_base.py, the momentum term of the next step is
+            # (x_max - previous iterate) and the next rise is counted against the last iterate's loss
+            x_k, grad = pick(halve, x_max, x_k), pick(halve, grad_max, grad)
+            rises, last_check = torch.zeros_like(rises), k + 1
+            f_max_at_check, halved_at_check = f_max.clone(), halve
+    return best.detach(), best_success
+
+
+def _check_apgd_args(x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, restarts: int) -> None:
+    check_eps(eps)
+    check_count("steps", steps)
+    check_count("restarts", restarts)
+    check_inputs(x, y)
+
+
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
-         loss: ApgdLoss | str = "ce", norm: Norm | str = "linf", momentum: float = 0.75, rho: float = 0.75,
-         random_start: bool = True, targeted: bool = False,
+         loss: Loss | str = "ce", norm: Norm | str = "linf", momentum: float = 0.75, rho: float = 0.75,
+         random_start: bool = True, restarts: int = 1, targeted: bool = False, ensemble: Ensemble | str = "output",
          generator: torch.Generator | None = None) -> torch.Tensor:
     """APGD (Croce & Hein 2020, Algorithm 1): `steps` gradient steps, one gradient each.
 
@@ -80,65 +123,119 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step
     an example's eta is halved and it restarts from its highest-loss point when (1) the loss rose in
     fewer than rho of the steps since the last checkpoint, or (2) eta was not halved at the last
     checkpoint and the best loss has not improved since. Returned per example: an iterate that
-    fooled the model if any did (targeted: reached the target), else the highest-loss one.
+    fooled the model if any did (targeted: reached the target), else the highest-loss one; with
+    `restarts` > 1, later runs start again (randomly) for the examples not yet fooled.
 
-    Args: loss "ce" or "dlr" (the latter needs >= 3 classes); norm "linf" or "l2"; momentum = alpha
-    and rho as in the paper (0.75 both); random_start: start uniformly in the ball (from `generator`).
+    Args: loss "ce", "dlr" (>= 3 classes) or "cw"; norm "linf" or "l2"; momentum = alpha and rho as
+    in the paper (0.75 both); random_start: start uniformly in the ball (from `generator`);
+    ensemble: the function of an ensemble the loss is taken on (losses.Ensemble; "output" for any model).
     Example: ``x_adv = apgd(model, x, y, eps=8/255, steps=100, loss="dlr")``.
     """
-    norm, loss = coerce_norm(norm), coerce_apgd_loss(loss)
-    check_eps(eps)
-    check_count("steps", steps)
-    check_inputs(x, y)
+    norm, loss, ensemble = coerce_norm(norm), coerce_loss(loss), coerce_ensemble(ensemble)
+    _check_apgd_args(x, y, eps, steps, restarts)
     x = x.detach()
     if x.shape[0] == 0:
         return x.clone()
 
-    def evaluate(x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with torch.enable_grad():
-            x_req = x_k.detach().requires_grad_(True)
-            logits = model(x_req)
-            if loss is ApgdLoss.CE:
-                value = attack_objective(logits, y, loss=Loss.CE, targeted=targeted)
-            else:
-                value = dlr_objective(logits, y, targeted=targeted)
-            (grad,) = torch.autograd.grad(value.sum(), x_req)
-        return value.detach(), grad, succeeded(logits.detach(), y, targeted=targeted)
+    def runner(xs: torch.Tensor, ys: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def evaluate(x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            with torch.enable_grad():
+                x_req = x_k.detach().requires_grad_(True)
+                value, logits = objective_and_logits(model, x_req, ys, loss=loss, targeted=targeted,
+                                                     ensemble=ensemble)
+                (grad,) = torch.autograd.grad(value.sum(), x_req)
+            return value.detach(), grad, succeeded(logits.detach(), ys, targeted=targeted)
+        return _apgd_run(xs, start, evaluate, eps=eps, steps=steps, norm=norm, momentum=momentum, rho=rho)
 
-    def pick(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.where(_per_example(mask, a), a, b)
-
-    checkpoints = set(apgd_checkpoints(steps))
     with attack_mode(model):
-        x_k = sample_in_ball(x, eps=eps, norm=norm, generator=generator) if random_start else x
-        value, grad, success = evaluate(x_k)
-        x_max, f_max, grad_max = x_k, value, grad  # highest-loss point, where restarts go
-        best, best_success, best_value = x_k, success, value  # what is returned
-        eta = torch.full_like(value, 2 * eps)
-        x_prev, rises, last_check = x_k, torch.zeros_like(value), 0
-        # "halved" at the start, so condition (2) cannot fire at the first checkpoint (autopgd_base.py)
-        f_max_at_check, halved_at_check = f_max.clone(), torch.ones_like(success)
-        for k in range(steps):
-            z = project(x_k + _per_example(eta, x_k) * steepest_step(grad, norm), x, eps=eps, norm=norm)
-            a = 1.0 if k == 0 else momentum
-            x_new = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev), x, eps=eps, norm=norm)
-            value_new, grad_new, success_new = evaluate(x_new)
-            rises += (value_new > value).to(rises.dtype)
-            improved = value_new > f_max
-            x_max, grad_max = pick(improved, x_new, x_max), pick(improved, grad_new, grad_max)
-            f_max = torch.where(improved, value_new, f_max)
-            better = is_worse_case(success_new, value_new, best_success, best_value)
-            best, best_value = pick(better, x_new, best), torch.where(better, value_new, best_value)
-            best_success = best_success | success_new
-            x_prev, x_k, value, grad = x_k, x_new, value_new, grad_new
-            if k + 1 in checkpoints:
-                stalled = rises <= rho * (k + 1 - last_check)  # <=, as autopgd_base.py's check_oscillation
-                flat = ~halved_at_check & (f_max <= f_max_at_check)
-                halve = stalled | flat
-                eta = torch.where(halve, eta / 2, eta)
-                # restart from the best point; as autopgd_base.py, the momentum term of the next step is
-                # (x_max - previous iterate) and the next rise is counted against the last iterate's loss
-                x_k, grad = pick(halve, x_max, x_k), pick(halve, grad_max, grad)
-                rises, last_check = torch.zeros_like(rises), k + 1
-                f_max_at_check, halved_at_check = f_max.clone(), halve
-    return best.detach()
+        return _with_restarts(x, y, runner, eps=eps, norm=norm, restarts=restarts if random_start else 1,
+                              random_start=random_start, generator=generator)
+
+
+Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _with_restarts(x: torch.Tensor, y: torch.Tensor, runner: Runner, *, eps: float, norm: Norm, restarts: int,
+                   random_start: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Run `runner` (x, y, start) -> (x_adv, success) up to `restarts` times, each time on the examples
+    not yet fooled (autopgd_base.py's perturb); the first run's point is kept where none succeeds."""
+    out = x.clone()
+    done = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    for r in range(restarts):
+        idx = (~done).nonzero().squeeze(1)
+        if len(idx) == 0:
+            break
+        xs, ys = x[idx], y[idx]
+        start = sample_in_ball(xs, eps=eps, norm=norm, generator=generator) if random_start else xs
+        x_adv, success = runner(xs, ys, start)
+        keep = success if r > 0 else torch.ones_like(success)
+        out[idx[keep]] = x_adv[keep]
+        done[idx[success]] = True
+    return out
+
+
+def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
+           target_classes: int = 9, norm: Norm | str = "linf", momentum: float = 0.75, rho: float = 0.75,
+           random_start: bool = True, restarts: int = 1, ensemble: Ensemble | str = "output",
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """APGD-T (Croce & Hein 2020, section 4): APGD on the targeted DLR loss (eq. 6, `targeted_dlr`)
+    towards each of the `target_classes` classes the model ranks highest after the true one (at the
+    clean point), one `steps`-iteration run per target on the examples not yet fooled; success is any
+    misclassification. `y` holds the true classes. AutoAttack's standard suite: 9 targets, 100
+    iterations, 1 restart (autoattack.py). Needs at least 4 classes; fewer targets are run when the
+    model has fewer than `target_classes` + 1 classes.
+
+    Example: ``x_adv = apgd_t(model, x, y, eps=8/255)``.
+    """
+    norm, ensemble = coerce_norm(norm), coerce_ensemble(ensemble)
+    _check_apgd_args(x, y, eps, steps, restarts)
+    check_count("target_classes", target_classes)
+    x = x.detach()
+    if x.shape[0] == 0:
+        return x.clone()
+    out = x.clone()
+    with attack_mode(model):
+        with torch.no_grad():
+            clean = model(x)
+        if clean.shape[1] < 4:
+            raise ValueError(f"APGD-T's targeted DLR loss needs at least 4 classes, got {clean.shape[1]}")
+        ranked = clean.argsort(dim=1, descending=True)
+        done = clean.argmax(dim=1) != y
+        for rank in range(1, min(target_classes, clean.shape[1] - 1) + 1):
+            # as autopgd_base.py: the target is the (rank + 1)-th class of the clean logits; the examples left
+            # are classified correctly, so their true class is first and never a target
+            idx = (~done).nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            target = ranked[idx, rank]
+
+            def runner(xs: torch.Tensor, ys: torch.Tensor, start: torch.Tensor,
+                       target: torch.Tensor = target) -> tuple[torch.Tensor, torch.Tensor]:
+                def evaluate(x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    with torch.enable_grad():
+                        x_req = x_k.detach().requires_grad_(True)
+                        value, logits = _targeted_dlr_objective(model, x_req, ys, target, ensemble)
+                        (grad,) = torch.autograd.grad(value.sum(), x_req)
+                    return value.detach(), grad, succeeded(logits.detach(), ys, targeted=False)
+                return _apgd_run(xs, start, evaluate, eps=eps, steps=steps, norm=norm, momentum=momentum, rho=rho)
+
+            x_adv = _with_restarts(x[idx], y[idx], runner, eps=eps, norm=norm,
+                                   restarts=restarts if random_start else 1, random_start=random_start,
+                                   generator=generator)
+            with torch.no_grad():
+                fooled = model(x_adv).argmax(dim=1) != y[idx]
+            out[idx[fooled]] = x_adv[fooled]
+            done[idx[fooled]] = True
+    return out
+
+
+def _targeted_dlr_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
+                            ensemble: Ensemble) -> tuple[torch.Tensor, torch.Tensor]:
+    """The targeted DLR of the model's output, or of the mean of an ensemble's logits."""
+    if ensemble is Ensemble.OUTPUT:
+        logits = model(x)
+        return targeted_dlr(logits, y, target), logits
+    if ensemble is not Ensemble.MEAN_LOGITS:
+        raise ValueError(f"APGD-T takes ensemble 'output' or 'mean-logits', got {ensemble.value!r}")
+    member_logits = model.member_logits(x)
+    return targeted_dlr(member_logits.mean(dim=0), y, target), mixture_log_probs(member_logits)

@@ -4,8 +4,9 @@ An attack only chooses its starting point, its step and its loop length; everyth
 hold for all attacks lives here once:
 
 - `project`: the threat model (the eps ball around `x` in the attack's norm, and [0, 1]);
-- `attack_objective`: the per-example loss the attacker *ascends* (CE or the CW margin,
-  negated for targeted attacks, where `y` is the target class);
+- `attack_objective` / `objective_and_logits` (from losses.py): the per-example loss the attacker
+  *ascends* (CE, the CW margin or DLR, negated for targeted attacks, where `y` is the target
+  class), on the model's output or, for an ensemble, on another function of its members;
 - `attack_mode`: the model in eval mode with frozen parameters during the attack, restored after;
 - `iterate`: the generic loop x <- project(x + alpha * step(transform(grad))).
 """
@@ -20,6 +21,17 @@ from enum import Enum
 import torch
 from torch import nn
 
+from phalanx.attacks.losses import (  # noqa: F401  (re-exported: attacks import them from core)
+    Ensemble,
+    Loss,
+    attack_objective,
+    coerce_ensemble,
+    coerce_loss,
+    input_gradient,
+    objective_and_logits,
+    per_example_loss,
+    targeted_dlr,
+)
 from phalanx.enums import coerce_enum
 
 GradTransform = Callable[[torch.Tensor], torch.Tensor]
@@ -35,19 +47,8 @@ class Norm(str, Enum):
     L2 = "l2"
 
 
-class Loss(str, Enum):
-    """Per-example losses an attack can ascend."""
-
-    CE = "ce"  # cross-entropy
-    CW = "cw"  # Carlini & Wagner (2017) margin, their f_6 without the confidence clamp
-
-
 def coerce_norm(norm: Norm | str) -> Norm:
     return coerce_enum(Norm, norm, "norm")
-
-
-def coerce_loss(loss: Loss | str) -> Loss:
-    return coerce_enum(Loss, loss, "loss")
 
 
 # --- argument checks (one message format for every attack) ------------------------------------
@@ -148,23 +149,7 @@ def sample_in_ball(x: torch.Tensor, *, eps: float, norm: Norm,
     return project(x + delta.to(x.device), x, eps=eps, norm=norm)
 
 
-# --- loss and success ----------------------------------------------------------------------------
-
-def per_example_loss(logits: torch.Tensor, y: torch.Tensor, loss: Loss) -> torch.Tensor:
-    """The loss of each example: CE, or the CW margin max_{j != y} z_j - z_y (> 0 iff misclassified)."""
-    if loss is Loss.CE:
-        return nn.functional.cross_entropy(logits, y, reduction="none")
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.scatter(1, y[:, None], float("-inf"))
-    return others.amax(dim=1) - true
-
-
-def attack_objective(logits: torch.Tensor, y: torch.Tensor, *, loss: Loss, targeted: bool) -> torch.Tensor:
-    """What the attacker maximizes, per example: the loss on the true class, or, when
-    `targeted`, minus the loss on the target class `y`."""
-    value = per_example_loss(logits, y, loss)
-    return -value if targeted else value
-
+# --- success ----------------------------------------------------------------------------
 
 def succeeded(logits: torch.Tensor, y: torch.Tensor, *, targeted: bool) -> torch.Tensor:
     """Per example: misclassified (untargeted) or classified as the target `y` (targeted)."""
@@ -180,20 +165,6 @@ def is_worse_case(success: torch.Tensor, value: torch.Tensor, best_success: torc
     objective wins.
     """
     return (success & ~best_success) | (~best_success & ~success & (value > best_value))
-
-
-def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss,
-                   targeted: bool) -> torch.Tensor:
-    """The gradient of the summed attack objective with respect to the input `x` only.
-
-    Works inside `torch.no_grad()` callers; call it within `attack_mode(model)` so that
-    backward computes no parameter gradients.
-    """
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        objective = attack_objective(model(x), y, loss=loss, targeted=targeted).sum()
-        (grad,) = torch.autograd.grad(objective, x)
-    return grad
 
 
 # --- the model during an attack --------------------------------------------------------------
@@ -227,16 +198,16 @@ def attack_mode(model: nn.Module) -> Iterator[None]:
 
 def iterate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_start: torch.Tensor, *, eps: float,
             alpha: float, steps: int, norm: Norm, loss: Loss = Loss.CE, targeted: bool = False,
-            transform: GradTransform | None = None) -> torch.Tensor:
+            transform: GradTransform | None = None, ensemble: Ensemble = Ensemble.OUTPUT) -> torch.Tensor:
     """`steps` projected steepest-ascent steps from `x_start`: x <- project(x + alpha * step(g)).
 
-    `g` is the input gradient of the attack objective, passed through `transform` when given (a
-    hook for momentum or gradient smoothing; it may keep state in a closure). Call within
+    `g` is the input gradient of the attack objective (of `ensemble`, see losses.py), passed through
+    `transform` when given (a hook for momentum or gradient smoothing; it may keep state in a closure). Call within
     `attack_mode(model)`. Returns the last iterate, detached.
     """
     x_adv = x_start.detach()
     for _ in range(steps):
-        grad = input_gradient(model, x_adv, y, loss=loss, targeted=targeted)
+        grad = input_gradient(model, x_adv, y, loss=loss, targeted=targeted, ensemble=ensemble)
         if transform is not None:
             grad = transform(grad)
         x_adv = project(x_adv + alpha * steepest_step(grad, norm), x, eps=eps, norm=norm)

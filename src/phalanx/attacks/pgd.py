@@ -6,33 +6,44 @@ import torch
 from torch import nn
 
 from phalanx.attacks.core import (
-    Loss, Norm, attack_mode, attack_objective, check_alpha, check_count, check_eps, check_inputs, coerce_loss,
-    coerce_norm, is_worse_case, iterate, sample_in_ball, succeeded,
+    Ensemble, Loss, Norm, attack_mode, check_alpha, check_count, check_eps, check_inputs, coerce_ensemble,
+    coerce_loss, coerce_norm, is_worse_case, iterate, objective_and_logits, sample_in_ball, succeeded,
 )
 
 
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float, steps: int,
-        norm: Norm | str = "linf", random_start: bool = True, restarts: int = 1, targeted: bool = False,
-        generator: torch.Generator | None = None, loss: Loss | str = "ce") -> torch.Tensor:
+def madry_step(eps: float, steps: int) -> float:
+    """The default PGD step: 2.5 * eps / steps (Madry et al. 2018, appendix: the attack can walk
+    to the ball's edge and back within its steps, whatever eps is)."""
+    return 2.5 * eps / steps
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float | None = None,
+        steps: int = 10, norm: Norm | str = "linf", random_start: bool = True, restarts: int = 1,
+        targeted: bool = False, generator: torch.Generator | None = None, loss: Loss | str = "ce",
+        ensemble: Ensemble | str = "output") -> torch.Tensor:
     """`steps` steps x <- project(x + alpha * d), d = sign(grad) (Linf) or grad / ||grad||_2 (L2).
 
     Madry et al. (2018), eq. 2, with the projection onto the eps ball around x and [0, 1].
-    The last iterate is returned. With `random_start`, each run starts at a uniformly random
-    point of the ball (see `core.sample_in_ball`), drawn from `generator` when given. With
-    `restarts` > 1, each example keeps the run where the attack succeeded (misclassified, or
-    classified as the target when `targeted`), else the run with the highest loss; without a
-    random start all runs would be identical, so only one is made. `loss` is "ce"
-    (cross-entropy) or "cw" (the Carlini-Wagner margin, for PGD-CW).
+    `alpha` defaults to `madry_step(eps, steps)` = 2.5 * eps / steps. The last iterate is
+    returned. With `random_start`, each run starts at a uniformly random point of the ball (see
+    `core.sample_in_ball`), drawn from `generator` when given. With `restarts` > 1, each example
+    keeps the run where the attack succeeded (misclassified, or classified as the target when
+    `targeted`), else the run with the highest objective; without a random start all runs would be
+    identical, so only one is made. `loss` is "ce" (cross-entropy), "cw" (the Carlini-Wagner
+    margin, for PGD-CW) or "dlr"; `ensemble` picks the function of an ensemble that the loss is
+    taken on (losses.Ensemble; "output" for any model).
 
     Args: model returns logits for pixels in [0, 1]; x (B, ...) in [0, 1]; y (B,) class indices
     (target classes when `targeted`); eps >= 0, alpha > 0, steps >= 1, restarts >= 1.
     Returns x_adv shaped like x; x is not modified.
     Example: ``x_adv = pgd(model, x, y, eps=8/255, alpha=2/255, steps=10)``.
     """
-    norm, loss = coerce_norm(norm), coerce_loss(loss)
+    norm, loss, ensemble = coerce_norm(norm), coerce_loss(loss), coerce_ensemble(ensemble)
     check_eps(eps)
-    check_alpha(alpha)
     check_count("steps", steps)
+    alpha = madry_step(eps, steps) if alpha is None else alpha
+    if eps > 0 or alpha != 0:
+        check_alpha(alpha)
     check_count("restarts", restarts)
     check_inputs(x, y)
     x = x.detach()
@@ -42,13 +53,13 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
         for _ in range(runs):
             start = sample_in_ball(x, eps=eps, norm=norm, generator=generator) if random_start else x
             x_adv = iterate(model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss=loss,
-                            targeted=targeted)
+                            targeted=targeted, ensemble=ensemble)
             if runs == 1:
                 return x_adv
             with torch.no_grad():
-                logits = model(x_adv)
+                value, logits = objective_and_logits(model, x_adv, y, loss=loss, targeted=targeted,
+                                                     ensemble=ensemble)
             success = succeeded(logits, y, targeted=targeted)
-            value = attack_objective(logits, y, loss=loss, targeted=targeted)
             if best_success is None or best_value is None:
                 best, best_success, best_value = x_adv, success, value
                 continue

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from phalanx.attacks.apgd import apgd
+from phalanx.attacks.apgd import apgd, apgd_t
 from phalanx.attacks.core import Norm, check_eps
 from phalanx.attacks.cw import pgd_cw
 from phalanx.attacks.fgsm import fgsm
 from phalanx.attacks.fgsm_family import ifgsm, mifgsm, rfgsm
-from phalanx.attacks.pgd import pgd
+from phalanx.attacks.pgd import madry_step, pgd
 from phalanx.enums import coerce_enum
 
 
@@ -33,53 +33,117 @@ class AttackName(str, Enum):
     PGD_CW = "pgd-cw"
     APGD_CE = "apgd-ce"
     APGD_DLR = "apgd-dlr"
+    APGD_T = "apgd-t"
     I_FGSM_L2 = "i-fgsm-l2"
     MI_FGSM_L2 = "mi-fgsm-l2"
     APGD_CE_L2 = "apgd-ce-l2"
+    APGD_DLR_L2 = "apgd-dlr-l2"
+    APGD_T_L2 = "apgd-t-l2"
+    # ensemble-adaptive: APGD on an objective that does not pass through the average of softmaxes
+    APGD_CE_MEAN_LOGITS = "apgd-ce-mean-logits"
+    APGD_DLR_MEAN_LOGITS = "apgd-dlr-mean-logits"
+    APGD_CE_MEMBER_SUM = "apgd-ce-member-sum"
+    APGD_MORA = "apgd-mora"
+    APGD_CE_MEAN_LOGITS_L2 = "apgd-ce-mean-logits-l2"
+    APGD_DLR_MEAN_LOGITS_L2 = "apgd-dlr-mean-logits-l2"
+    APGD_CE_MEMBER_SUM_L2 = "apgd-ce-member-sum-l2"
+    APGD_MORA_L2 = "apgd-mora-l2"
 
 
 def coerce_attack_name(name: AttackName | str) -> AttackName:
     return coerce_enum(AttackName, name, "attack")
 
 
+# eps-dependent defaults: (eps, the other resolved parameters) -> value, filled in where a parameter is None
+Derivation = Callable[[float, Mapping[str, Any]], Any]
+
+
 @dataclass(frozen=True)
 class AttackEntry:
     """An attack function and the keyword arguments it gets unless a spec overrides them.
 
-    `fixed` arguments define the entry (e.g. the norm of "pgd-l2") and cannot be overridden.
+    The function's own keyword defaults apply unless `defaults` replaces them; `fixed` arguments
+    define the entry (e.g. the norm of "pgd-l2") and cannot be overridden; `derived` computes a
+    parameter left None from eps (e.g. PGD's step 2.5 * eps / steps), so that the record of a run
+    holds the number actually used.
     """
 
     fn: Callable[..., torch.Tensor]
     fixed: Mapping[str, Any] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    derived: Mapping[str, Derivation] = field(default_factory=dict)
+    ensemble_only: bool = False  # its objective needs a model with member_logits (a Mixture)
 
     def tunable(self) -> frozenset[str]:
         """Names a spec may set: the function's keyword-only arguments, less eps, generator, `fixed`."""
-        kwonly = {n for n, p in inspect.signature(self.fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
-        return frozenset(kwonly - {"eps", "generator"} - set(self.fixed))
+        return frozenset(_keyword_defaults(self.fn)) - {"eps", "generator"} - set(self.fixed)
+
+    def resolve(self, eps: float, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Every keyword argument the function gets for this eps except eps and generator."""
+        own = {k: v for k, v in _keyword_defaults(self.fn).items() if k not in ("eps", "generator")}
+        out = {**own, **self.defaults, **params, **self.fixed}
+        for name, rule in self.derived.items():
+            if out.get(name) is None:
+                out[name] = rule(eps, out)
+        return out
 
 
-# PGD defaults are the DVERGE report's evaluation (section 3.1): step 0.007, 10 steps, random start.
-_PGD_DEFAULTS = MappingProxyType({"alpha": 0.007, "steps": 10, "random_start": True, "restarts": 1})
+def _keyword_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+def _madry(eps: float, p: Mapping[str, Any]) -> float:
+    return madry_step(eps, p["steps"])
+
+
+def _half_eps(eps: float, p: Mapping[str, Any]) -> float:
+    return eps / 2
+
+
+_MADRY = MappingProxyType({"alpha": _madry})
+
+
+def _apgd(norm: Norm, **fixed: Any) -> AttackEntry:
+    # APGD: Croce & Hein (2020)'s 100 iterations, momentum and rho 0.75, 1 restart (AutoAttack standard)
+    return AttackEntry(apgd, fixed={"norm": norm, **fixed}, ensemble_only="ensemble" in fixed)
+
+
+def _apgd_t(norm: Norm) -> AttackEntry:
+    # APGD-T as AutoAttack's standard suite runs it: 9 target classes, 100 iterations, 1 restart (autoattack.py)
+    return AttackEntry(apgd_t, fixed={"norm": norm})
+
 
 ATTACKS: dict[AttackName, AttackEntry] = {
     AttackName.FGSM: AttackEntry(fgsm, fixed={"norm": Norm.LINF}),
-    AttackName.PGD_LINF: AttackEntry(pgd, fixed={"norm": Norm.LINF}, defaults=_PGD_DEFAULTS),
-    AttackName.PGD_L2: AttackEntry(pgd, fixed={"norm": Norm.L2}, defaults=_PGD_DEFAULTS),
+    # PGD: 10 steps of 2.5 * eps / steps with a random start (Madry et al. 2018); the DVERGE report's
+    # fixed step 0.007 is its own protocol (REPORT_EVAL), not a default
+    AttackName.PGD_LINF: AttackEntry(pgd, fixed={"norm": Norm.LINF}, derived=_MADRY),
+    AttackName.PGD_L2: AttackEntry(pgd, fixed={"norm": Norm.L2}, derived=_MADRY),
     # The GAL paper's evaluation (section 4.1): R-FGSM, I-FGSM and MI-FGSM with k = 10 steps of
-    # eps / 10, mu = 1; PGD-CW with kappa = 50 and 30 iterations. R-FGSM's random step alpha is
-    # None: eps / 2, Tramer et al.'s setting (see `rfgsm`).
-    AttackName.R_FGSM: AttackEntry(rfgsm, fixed={"norm": Norm.LINF}, defaults={"alpha": None}),
+    # eps / 10, mu = 1; PGD-CW with kappa = 50 and 30 iterations (step 2.5 * eps / steps: the paper
+    # gives none). R-FGSM's random step alpha is eps / 2, Tramer et al.'s setting (see `rfgsm`).
+    AttackName.R_FGSM: AttackEntry(rfgsm, fixed={"norm": Norm.LINF}, derived={"alpha": _half_eps}),
     AttackName.I_FGSM: AttackEntry(ifgsm, fixed={"norm": Norm.LINF}, defaults={"steps": 10}),
     AttackName.MI_FGSM: AttackEntry(mifgsm, fixed={"norm": Norm.LINF}, defaults={"steps": 10, "mu": 1.0}),
-    AttackName.PGD_CW: AttackEntry(pgd_cw, fixed={"norm": Norm.LINF},
-                                   defaults={"steps": 30, "kappa": 50.0, "alpha": None, "random_start": True}),
-    # APGD: Croce & Hein (2020)'s 100 iterations, momentum and rho 0.75.
-    AttackName.APGD_CE: AttackEntry(apgd, fixed={"norm": Norm.LINF, "loss": "ce"}, defaults={"steps": 100}),
-    AttackName.APGD_DLR: AttackEntry(apgd, fixed={"norm": Norm.LINF, "loss": "dlr"}, defaults={"steps": 100}),
+    AttackName.PGD_CW: AttackEntry(pgd_cw, fixed={"norm": Norm.LINF}, defaults={"steps": 30, "kappa": 50.0},
+                                   derived=_MADRY),
+    AttackName.APGD_CE: _apgd(Norm.LINF, loss="ce"),
+    AttackName.APGD_DLR: _apgd(Norm.LINF, loss="dlr"),
+    AttackName.APGD_T: _apgd_t(Norm.LINF),
     AttackName.I_FGSM_L2: AttackEntry(ifgsm, fixed={"norm": Norm.L2}, defaults={"steps": 10}),
     AttackName.MI_FGSM_L2: AttackEntry(mifgsm, fixed={"norm": Norm.L2}, defaults={"steps": 10, "mu": 1.0}),
-    AttackName.APGD_CE_L2: AttackEntry(apgd, fixed={"norm": Norm.L2, "loss": "ce"}, defaults={"steps": 100}),
+    AttackName.APGD_CE_L2: _apgd(Norm.L2, loss="ce"),
+    AttackName.APGD_DLR_L2: _apgd(Norm.L2, loss="dlr"),
+    AttackName.APGD_T_L2: _apgd_t(Norm.L2),
+    AttackName.APGD_CE_MEAN_LOGITS: _apgd(Norm.LINF, loss="ce", ensemble="mean-logits"),
+    AttackName.APGD_DLR_MEAN_LOGITS: _apgd(Norm.LINF, loss="dlr", ensemble="mean-logits"),
+    AttackName.APGD_CE_MEMBER_SUM: _apgd(Norm.LINF, loss="ce", ensemble="member-sum"),
+    # MORA's reweighted combination with its default CE loss (the authors' mora_attack.py), driven by APGD
+    AttackName.APGD_MORA: _apgd(Norm.LINF, loss="ce", ensemble="mora"),
+    AttackName.APGD_CE_MEAN_LOGITS_L2: _apgd(Norm.L2, loss="ce", ensemble="mean-logits"),
+    AttackName.APGD_DLR_MEAN_LOGITS_L2: _apgd(Norm.L2, loss="dlr", ensemble="mean-logits"),
+    AttackName.APGD_CE_MEMBER_SUM_L2: _apgd(Norm.L2, loss="ce", ensemble="member-sum"),
+    AttackName.APGD_MORA_L2: _apgd(Norm.L2, loss="ce", ensemble="mora"),
 }
 
 ONE_STEP_VERSION: dict[AttackName, AttackName] = {
@@ -108,9 +172,9 @@ class AttackSpec:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
     def resolved_params(self) -> dict[str, Any]:
-        """Every keyword argument the attack function gets except eps and generator (for records)."""
-        entry = ATTACKS[self.name]
-        params = {**entry.defaults, **self.params, **entry.fixed}
+        """Every keyword argument the attack function gets except eps and generator, with the
+        eps-dependent defaults computed: the parameters actually used (for records)."""
+        params = ATTACKS[self.name].resolve(self.eps, self.params)
         return {k: v.value if isinstance(v, Enum) else v for k, v in params.items()}
 
 
