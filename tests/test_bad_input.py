@@ -134,6 +134,21 @@ def test_out_of_range_attack_values(trained_run, capsys, argv, message):
     _no_partial_files(trained_run)
 
 
+@pytest.mark.parametrize("value", ["0", "-3", "some", "1.5"])
+def test_examples_must_be_a_positive_integer_or_all(tmp_path, capsys, value):
+    whitebox = tmp_path / "run" / "eval" / "whitebox.json"
+    whitebox.parent.mkdir(parents=True)
+    whitebox.write_text('{"results": []}')
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tmp_path / "run"), "--quiet", "--examples", value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("phalanx eval: error: argument --examples:") and not any("Traceback" in e for e in err)
+    assert f"'{value}' is not allowed" in err[-1] and "positive integer" in err[-1] and "'all'" in err[-1]
+    assert whitebox.read_text() == '{"results": []}'
+    _no_partial_files(tmp_path)
+
+
 def test_an_attack_name_that_does_not_exist(trained_run, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["eval", str(trained_run), "--attack", "deepfool"])

@@ -21,6 +21,8 @@ def test_train_then_eval_prints_the_table_and_writes_json(tmp_path, capsys):
     for r in doc["results"]:
         assert {"accuracy", "n", "params", "source", "seed", "wall_time_s", "eps"} <= r.keys()
         assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 64
+        assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]  # its 95% Wilson interval
+    assert re.search(r"^model +n +clean", out, re.M) and re.search(r"^mixture +64 +\d+\.\d ±\d+\.\d ", out, re.M)
 
 
 def test_analyze_prints_coherence_and_gaas_tables_and_writes_json(tmp_path, capsys):
@@ -64,3 +66,13 @@ def test_bad_attack_name_is_an_argparse_error(capsys):
         main(["eval", "x", "--attack", "deepfool"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_eval_examples_all_takes_the_whole_test_split(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "quickstart/baseline", "--out", str(run), "--quiet", *TINY]) == 0  # eval.examples=64
+    for given, n in (("all", 360), ("10", 10)):  # the embedded digits' test split has 360 images
+        assert main(["eval", str(run), "--quiet", "--examples", given, "--attack", "fgsm", "--eps", "0.1"]) == 0
+        doc = json.loads((run / "eval" / "whitebox.json").read_text())
+        assert {r["n"] for r in doc["results"]} == {n}
+    assert re.search(r"^mixture +10 ", capsys.readouterr().out, re.M)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from phalanx.checkpoint import CheckpointError
 from phalanx.attacks import AttackName
-from phalanx.config import AttackConfig, ConfigError, load_config
+from phalanx.config import AttackConfig, ConfigError, SuiteConfig, load_config
 from phalanx.data import DataError
 from phalanx.memory import keep_freed_memory
 from phalanx.presets import list_presets, resolve_config_path
@@ -42,29 +42,50 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from phalanx.eval.run_eval import evaluate_run
-    from phalanx.eval.tables import accuracy_table, text_table
+    from phalanx.eval.tables import CI_NOTE, accuracy_table, text_table
 
-    attacks = None
-    if args.attack:
-        attacks = [_attack_from_args(name, eps, args) for name in args.attack for eps in (args.eps or [0.03])]
+    attacks = _attacks_from_args(args)
     if args.transfer_from:
+        if args.suite:
+            raise ValueError("--suite is white-box only; it cannot be combined with --transfer-from")
         return _eval_transfer(args, attacks)
+    suites = None
+    if args.suite:
+        suites = [SuiteConfig(name, eps, norm=args.norm) for name in args.suite for eps in (args.eps or [DEFAULT_EPS])]
+        attacks = attacks or []
     doc = evaluate_run(args.run_dir, attacks=attacks, examples=args.examples, device=args.device,
-                       progress=not args.quiet, large_eps=args.large_eps)
+                       progress=not args.quiet, large_eps=args.large_eps, suites=suites,
+                       check_convergence=args.check_convergence)
     print(f"{doc['dataset_display']} — {doc['method']} {doc['arch']} (epoch {doc['epoch']}), white-box accuracy (%)")
+    print(CI_NOTE)
     print(text_table(*accuracy_table(doc["results"])))
     _print_warnings(doc["results"])
     print(f"\nresults: {Path(args.run_dir) / 'eval' / 'whitebox.json'}")
     return 0
 
 
-def _attack_from_args(name: str, eps: float, args: argparse.Namespace) -> AttackConfig:
-    """One attack from the CLI flags; step options go only to attacks that take them."""
-    from phalanx.attacks import AttackSpec
+DEFAULT_EPS = 0.03  # --eps when not given: about 8/255, the CIFAR-10 budget of the seed papers
 
-    accepted = set(AttackSpec(name, eps).resolved_params())
-    return AttackConfig(name, eps, alpha=args.alpha if "alpha" in accepted and name != "r-fgsm" else None,
-                        steps=args.steps if "steps" in accepted else None)
+
+def _attacks_from_args(args: argparse.Namespace) -> list[AttackConfig] | None:
+    """The --attack x --eps grid; step flags that were given go to the attacks that take them, and
+    an attack named alone runs with its registry defaults scaled to eps."""
+    if not args.attack:
+        for flag in ("alpha", "steps", "restarts"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} needs --attack: it sets a parameter of the attacks named there")
+        return None
+    from phalanx.attacks import ATTACKS, AttackName
+
+    given = {flag: getattr(args, flag) for flag in ("alpha", "steps", "restarts") if getattr(args, flag) is not None}
+    for flag in given:
+        takers = [n for n in args.attack if flag in ATTACKS[AttackName(n)].tunable()]
+        if not takers:
+            allowed = sorted(a.value for a in AttackName if flag in ATTACKS[a].tunable())
+            raise ValueError(f"--{flag} {given[flag]} is not taken by {', '.join(args.attack)}; attacks that take "
+                             f"--{flag}: {allowed}")
+    return [AttackConfig(name, eps, **{k: v for k, v in given.items() if k in ATTACKS[AttackName(name)].tunable()})
+            for name in args.attack for eps in (args.eps or [DEFAULT_EPS])]
 
 
 def _print_warnings(records: list[dict]) -> None:
@@ -76,18 +97,21 @@ def _print_warnings(records: list[dict]) -> None:
 def _eval_transfer(args: argparse.Namespace, attacks: list[AttackConfig] | None) -> int:
     import shlex
 
-    from phalanx.eval.tables import paired_eps_table, text_table
+    from phalanx.eval.run_eval import resolve_examples
+    from phalanx.eval.tables import CI_NOTE, paired_eps_table, text_table
     from phalanx.eval.transfer import GAL_TRANSFER_ATTACKS, craft_transfer_set, evaluate_transfer
     from phalanx.runs import read_run_config
 
     cfg = read_run_config(args.run_dir)
     attacks = attacks or list(GAL_TRANSFER_ATTACKS[cfg.data.dataset])
-    path = craft_transfer_set(args.transfer_from, attacks, examples=args.examples or cfg.eval.examples,
+    path = craft_transfer_set(args.transfer_from, attacks,
+                              examples=resolve_examples(args.examples, cfg.eval.examples),
                               seed=args.seed, out_path=Path(args.transfer_dir or Path(args.transfer_from[0]) / "transfer"),
                               batch_size=cfg.eval.batch_size, device=args.device,
                               command=shlex.join(["phalanx", *sys.argv[1:]]))
     doc = evaluate_transfer(args.run_dir, path, device=args.device, batch_size=cfg.eval.batch_size)
     print(f"transfer accuracy (%) of {args.run_dir}, examples crafted on {', '.join(args.transfer_from)}")
+    print(CI_NOTE)
     print(text_table(*paired_eps_table(doc["results"])))
     _print_warnings(doc["results"])
     print(f"\nresults: {Path(args.run_dir) / 'eval' / 'transfer.json'}\ntransfer set: {path}")
@@ -157,6 +181,22 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _examples_arg(text: str) -> int | str:
+    """`eval --examples`: a positive integer, or `all` (run_eval.ALL_EXAMPLES) for the whole test split."""
+    from phalanx.eval.run_eval import ALL_EXAMPLES
+
+    if text == ALL_EXAMPLES:
+        return ALL_EXAMPLES
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: give a positive integer (a number of test "
+                                         f"examples) or {ALL_EXAMPLES!r} (the whole test split)")
+    return value
+
+
 def _add_tensorboard_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensorboard", action="store_true",
                    help="also log training metrics for TensorBoard in each run directory's tensorboard/ "
@@ -181,10 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", action="append", choices=[a.value for a in AttackName],
                    help="attack to run (repeatable; default: the run's eval.attacks, or the GAL paper's "
                         "transfer attacks with --transfer-from)")
-    p.add_argument("--eps", action="append", type=float, help="epsilon in pixel units [0, 1] (repeatable)")
-    p.add_argument("--alpha", type=float, default=0.007, help="PGD step size (default 0.007, the report's)")
-    p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10, the report's)")
-    p.add_argument("--examples", type=int, help="number of test examples (default: the run's eval.examples)")
+    p.add_argument("--suite", action="append", choices=["autoattack", "ensemble"],
+                   help="attack suite (repeatable): autoattack = AutoAttack's standard APGD-CE, APGD-T, FAB-T, "
+                        "Square; ensemble = APGD on the mixture's mean logits (CE, DLR), its members' summed CE "
+                        "and MORA's reweighting. The mixture's worst case covers every attack run")
+    p.add_argument("--norm", choices=["linf", "l2"], default="linf", help="norm of --suite (default linf)")
+    p.add_argument("--eps", action="append", type=float,
+                   help=f"epsilon in pixel units [0, 1] (repeatable; default {DEFAULT_EPS})")
+    p.add_argument("--alpha", type=float,
+                   help="step size of the attacks that take one (default: each attack's own, e.g. PGD's 2.5 * eps / steps)")
+    p.add_argument("--steps", type=int, help="iterations of the attacks that take them (default: each attack's own)")
+    p.add_argument("--restarts", type=int, help="random restarts of the attacks that take them (default: each attack's own)")
+    p.add_argument("--check-convergence", action="store_true",
+                   help="run every iterative attack again with twice the steps and more restarts; warn when "
+                        "accuracy drops by more than 1 point")
+    p.add_argument("--examples", type=_examples_arg, metavar="N|all",
+                   help="number of test examples, or `all` for the whole test split (default: the run's "
+                        "eval.examples)")
     p.add_argument("--device", help="cpu, cuda or auto (default: the run's)")
     p.add_argument("--large-eps", type=float,
                    help="also run PGD-Linf at this eps and warn unless accuracy is ~0 (e.g. 0.5)")

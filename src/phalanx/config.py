@@ -8,6 +8,7 @@ default. Method-specific parameters live in `method`, validated by that method's
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -112,18 +113,48 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AttackConfig:
+    """One attack of `eval.attacks`. A parameter left null is the attack's own default from its
+    registry entry, scaled to eps where the literature does (e.g. PGD's step 2.5 * eps / steps)."""
+
     name: str
     eps: float
     alpha: float | None = None
     steps: int | None = None
-    random_start: bool = True
-    restarts: int = 1
+    random_start: bool | None = None
+    restarts: int | None = None
 
     def __post_init__(self) -> None:
-        _check(self.eps >= 0, "eval.attacks[].eps", self.eps, "a number >= 0")
-        _check(self.alpha is None or self.alpha > 0, "eval.attacks[].alpha", self.alpha, "a number > 0")
+        from phalanx.attacks import ATTACKS, AttackName
+
+        _check(self.name in {a.value for a in AttackName}, "eval.attacks[].name", self.name,
+               f"one of {[a.value for a in AttackName]}")
+        entry = ATTACKS[AttackName(self.name)]
+        linf = entry.fixed.get("norm") != "l2"
+        _check(math.isfinite(self.eps) and 0 <= self.eps and (self.eps <= 1 or not linf), "eval.attacks[].eps",
+               self.eps, "a number in [0, 1] (an Linf budget in pixels)" if linf else "a finite number >= 0")
+        given = {k for k in ("alpha", "steps", "random_start", "restarts") if getattr(self, k) is not None}
+        _check(given <= entry.tunable(), f"eval.attacks[] ({self.name})", sorted(given - entry.tunable()),
+               f"only parameters {self.name} takes: {sorted(entry.tunable() & {'alpha', 'steps', 'random_start', 'restarts'})}")
+        _check(self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0), "eval.attacks[].alpha",
+               self.alpha, "a finite number > 0")
         _check(self.steps is None or self.steps >= 1, "eval.attacks[].steps", self.steps, "an integer >= 1")
-        _check(self.restarts >= 1, "eval.attacks[].restarts", self.restarts, "an integer >= 1")
+        _check(self.restarts is None or self.restarts >= 1, "eval.attacks[].restarts", self.restarts,
+               "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """A suite of attacks run at one eps (phalanx.eval.suites): `autoattack` (AutoAttack's standard
+    sequence) or `ensemble` (the ensemble-adaptive objectives); on every model or the mixture only."""
+
+    name: Literal["autoattack", "ensemble"]
+    eps: float
+    norm: Literal["linf", "l2"] = "linf"
+    models: Literal["all", "mixture"] = "all"
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.eps) and 0 <= self.eps <= (1 if self.norm == "linf" else 1e3),
+               "eval.suites[].eps", self.eps, "a number in [0, 1] for linf, >= 0 for l2")
 
 
 def _report_attacks() -> tuple[AttackConfig, ...]:
@@ -138,6 +169,7 @@ def _report_attacks() -> tuple[AttackConfig, ...]:
 @dataclass(frozen=True)
 class EvalConfig:
     attacks: tuple[AttackConfig, ...] = field(default_factory=_report_attacks)
+    suites: tuple[SuiteConfig, ...] = ()  # attack suites run after `attacks` (per-example worst case over all)
     examples: int | None = 1000  # test examples attacked (null: the whole test split)
     clean_repeats: int = 1  # clean accuracy averaged over this many random subsets of `examples`
     batch_size: int = 500

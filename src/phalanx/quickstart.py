@@ -10,7 +10,8 @@ from typing import Any
 from phalanx.config import load_config
 from phalanx.eval.analysis import analyze_run
 from phalanx.eval.run_eval import evaluate_run
-from phalanx.eval.tables import accuracy_table, paired_eps_table, text_table
+from phalanx.eval.stats import record_ci95
+from phalanx.eval.tables import CI_NOTE, accuracy_cell, accuracy_table, paired_eps_table, text_table
 from phalanx.eval.transfer import GAL_TRANSFER_ATTACKS, craft_transfer_set, evaluate_transfer
 from phalanx.report import write_report
 from phalanx.presets import resolve_config_path
@@ -22,6 +23,9 @@ QUICKSTART_RUNS: tuple[tuple[str, str, bool], ...] = (
     ("dverge", "quickstart/dverge", True),
     ("gal", "quickstart/gal", False),
 )
+
+# The eps of the headline: the quickstart presets run AutoAttack and the ensemble suite there.
+HEADLINE_EPS = 0.1
 
 # GAAS without the paper's k = 64: on the 16x16 digits it found ~0% and cost as much as k = 4, 16, 36
 # together (see the GAAS curves of a quickstart report).
@@ -38,6 +42,51 @@ def comparison_rows(docs: dict[str, dict[str, Any]], table: Callable = accuracy_
         header = ["run", *h]
         rows += [[label, *row] for row in r]
     return header, rows
+
+
+def headline_rows(docs: dict[str, dict[str, Any]], eps: float) -> tuple[list[str], list[list[str]]]:
+    """Each mixture at `eps`: clean, the cheap PGD-Linf column, AutoAttack, the strongest ensemble
+    objective and the worst case over every attack run (each with its 95% interval), and n."""
+    header = ["run", "n", "clean", f"pgd-linf {eps:g} (cheap)", f"autoattack {eps:g}",
+              f"ensemble suite {eps:g}", f"worst case {eps:g}"]
+    rows = []
+    for label, doc in docs.items():
+        recs = [r for r in doc["results"] if r["model"] == "mixture"]
+        at = {(r["attack"], r["eps"]): r for r in recs}
+        ensemble = [r for r in recs if r["eps"] == eps and (r.get("params") or {}).get("suite") == "ensemble"]
+        strongest_ensemble = min(ensemble, key=lambda r: r["accuracy"], default=None)
+        cells = [at.get(("clean", 0.0)), at.get(("pgd-linf", eps)), at.get(("autoattack", eps)),
+                 strongest_ensemble, worst_case(doc, eps)]
+        rows.append([label, str(cells[0]["n"] if cells[0] else "—"),
+                     *(accuracy_cell(c, n_shown=c["n"]) if c else "—" for c in cells)])
+    return header, rows
+
+
+def worst_case(doc: dict[str, Any], eps: float) -> dict[str, Any] | None:
+    """The mixture's per-example worst case over every Linf attack run at `eps` (the "strongest" record)."""
+    return next((r for r in doc["results"] if r["model"] == "mixture" and r["attack"] == "strongest"
+                 and r["eps"] == eps), None)
+
+
+def comparison_sentence(docs: dict[str, dict[str, Any]], eps: float, base: str = "baseline") -> str:
+    """How each ensemble compares with the baseline under the worst case, with both intervals."""
+    ref = worst_case(docs[base], eps) if base in docs else None
+    if ref is None:
+        return ""
+    parts = []
+    for label, doc in docs.items():
+        rec = worst_case(doc, eps)
+        if label == base or rec is None:
+            continue
+        diff = 100 * (rec["accuracy"] - ref["accuracy"])
+        lo, hi = record_ci95(rec) or (0.0, 1.0)
+        rlo, rhi = record_ci95(ref) or (0.0, 1.0)
+        overlap = " (the 95% intervals overlap: not a significant difference)" if lo <= rhi and rlo <= hi else ""
+        parts.append(f"{label} is {abs(diff):.1f} points {'more' if diff > 0 else 'less'} robust than {base}"
+                     f"{overlap}")
+    names = ", ".join(a for a in worst_case(docs[base], eps)["params"]["attacks"])
+    return (f"Worst case at eps {eps:g} (per example, over {names}): " + "; ".join(parts) + "."
+            if parts else "")
 
 
 def transfer_eps(docs: dict[str, dict[str, Any]]) -> list[str]:
@@ -83,7 +132,14 @@ def run_quickstart(out: Path, *, progress: bool = True, echo: Callable[[str], No
     title = f"{first['dataset_display']}: white-box accuracy (%), {len(rows)} rows"
     echo("")
     echo(title)
+    echo(CI_NOTE)
     echo(text_table(header, rows))
+    echo(f"\nHeadline: each mixture at eps {HEADLINE_EPS:g}, accuracy (%) ±95% interval (Wilson); the worst case "
+         "counts an example robust only if it survives every attack run on it")
+    echo(text_table(*headline_rows(docs, HEADLINE_EPS)))
+    sentence = comparison_sentence(docs, HEADLINE_EPS)
+    if sentence:
+        echo(sentence)
     echo(f"\nBlack-box transfer accuracy (%) from the surrogate ({surrogate}), eps {'/'.join(transfer_eps(transfer_docs))}")
     header, rows = comparison_rows(transfer_docs, table=paired_eps_table)
     echo(text_table(header, rows))

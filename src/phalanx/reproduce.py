@@ -10,7 +10,7 @@ from typing import Any
 from phalanx.config import RunConfig, load_config
 from phalanx.eval.run_eval import evaluate_run
 from phalanx.eval.transfer import craft_transfer_set, evaluate_transfer
-from phalanx.eval.tables import column_name, text_table
+from phalanx.eval.tables import accuracy_cell, column_name, common_n, text_table
 from phalanx.presets import resolve_config_path
 from phalanx.report import write_report
 from phalanx.train.loop import train
@@ -31,8 +31,9 @@ def scaled_epochs(epochs: int, scale: float) -> int:
 
 
 def side_by_side(results: list[dict[str, Any]], paper: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Rows of 'ours / paper' accuracy cells in % for the paper's columns."""
-    ours: dict[tuple[str, str], float] = {(r["model"], column_name(r)): 100 * r["accuracy"] for r in results}
+    """Rows of 'ours / paper' accuracy cells in % for the paper's columns, ours with its 95% margin
+    (`tables.accuracy_cell`: is the paper's number inside our interval?) and each row's n."""
+    ours: dict[tuple[str, str], dict[str, Any]] = {(r["model"], column_name(r)): r for r in results}
     columns = list(paper.get("columns", []))
     models = list(dict.fromkeys([r["model"] for r in results]))
     paper_rows = dict(paper.get("rows", {}))
@@ -41,13 +42,14 @@ def side_by_side(results: list[dict[str, Any]], paper: dict[str, Any]) -> tuple[
     rows = []
     for model in models:
         theirs = paper_rows.get(model)
+        n = common_n([r for r in results if r["model"] == model])
         cells = []
         for i, col in enumerate(columns):
             mine = ours.get((model, col))
-            cell = "—" if mine is None else f"{mine:.2f}"
+            cell = "—" if mine is None else accuracy_cell(mine, n_shown=n, digits=2)
             cells.append(f"{cell} / {theirs[i]:g}" if theirs is not None else f"{cell} / —")
-        rows.append([model, *cells])
-    return ["model (ours / paper)", *columns], rows
+        rows.append([model, "?" if n is None else str(n), *cells])
+    return ["model (ours / paper)", "n", *columns], rows
 
 
 def _train_preset(preset: str, out_root: Path, epochs_scale: float, overrides: list[str], progress: bool,

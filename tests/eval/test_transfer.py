@@ -11,6 +11,7 @@ from phalanx.attacks import AttackSpec
 from phalanx.attacks.core import Loss, input_gradient, per_example_loss
 from phalanx.config import AttackConfig, load_config
 from phalanx.eval import transfer
+from phalanx.eval.stats import wilson_interval
 from phalanx.eval.tables import paired_eps_table
 from phalanx.eval.transfer import (
     GAL_TRANSFER_ATTACKS,
@@ -105,8 +106,13 @@ def test_evaluate_transfer_writes_records_with_the_strongest_row(crafted, runs):
     worst = next(r for r in recs if r["model"] == "mixture" and r["attack"] == "strongest" and r["eps"] == 0.3)
     assert worst["accuracy"] < clean["accuracy"]  # the examples transfer (1-epoch runs: weak, but real)
     assert "sanity" in doc and set(doc["sanity"]["checks"]) >= {"monotone-in-eps", "budget"}
+    for r in recs:  # every record carries its 95% Wilson interval, around its accuracy
+        assert r["ci95"] == list(wilson_interval(round(r["accuracy"] * 48), 48))
+        assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
+    assert on_disk["results"][0]["ci95"] == recs[0]["ci95"]
     header, rows = paired_eps_table(recs)
-    assert header[:3] == ["model", "clean", "fgsm (0.1 / 0.3)"] and " / " in rows[0][2]
+    assert header[:4] == ["model", "n", "clean", "fgsm (0.1 / 0.3)"] and " / " in rows[0][3]
+    assert rows[0][1] == "48" and " ±" in rows[0][2]
 
 
 def test_transfer_refuses_attacks_it_cannot_average_and_mixed_datasets(runs, tmp_path):

@@ -131,9 +131,12 @@ def test_table_numbers_match_the_json_in_the_seed_layout(report):
     header = _markdown_row(md, "model")
     assert header == ["model", "clean", "fgsm 0.03", "pgd-linf 2/255", "pgd-linf 4/255", "pgd-linf 8/255"]
     member1 = _markdown_row(md, "member1")
-    assert member1[1] == "61.76 ± 0.40"
-    assert member1[2] == "4.10"
-    assert member1[3:] == ["50.00", "35.00", "20.00"]
+    # accuracy (mean ± std over the clean repeats), then the 95% Wilson interval of k of n = 1000
+    # (scipy.stats.binomtest(k, 1000).proportion_ci(method="wilson"))
+    assert member1[1] == "61.76 ± 0.40 (58.7–64.8)"
+    assert member1[2] == "4.10 (3.0–5.5)"
+    assert member1[3:] == ["50.00 (46.9–53.1)", "35.00 (32.1–38.0)", "20.00 (17.6–22.6)"]
+    assert "n = 1000 test examples per cell; in parentheses the 95% Wilson confidence interval" in md
     # Members first, the mixture row last, in each run's table.
     section = md.split("## Run: vanilla")[1].split("## Run:")[0]
     models = [line.split("|")[1].strip() for line in section.splitlines()
@@ -145,7 +148,7 @@ def test_warnings_are_marked_next_to_the_number_and_footnoted(report):
     md_path, html_path = report
     md = md_path.read_text()
     mixture = _markdown_row(md, "**mixture**")
-    assert mixture[-1] == "20.00 ⚠1"
+    assert mixture[-1] == "20.00 (17.6–22.6) ⚠1"
     assert f"⚠1 {PGD_WARNING}" in md
     assert PGD_WARNING in html_path.read_text()
 
@@ -155,9 +158,24 @@ def test_comparison_puts_each_mixture_side_by_side(report):
     comparison = md.split("## Comparison of the mixtures")[1].split("## Run:")[0]
     vanilla = _markdown_row(comparison, "vanilla")
     dverge = _markdown_row(comparison, "dverge")
-    assert vanilla[:4] == ["vanilla", "baseline", "4", "63.00 ± 0.40"]
-    assert dverge[:4] == ["dverge", "dverge", "4", "73.00 ± 0.40"]
-    assert dverge[-1] == "30.00 ⚠1"
+    assert vanilla[:4] == ["vanilla", "baseline", "4", "63.00 ± 0.40 (60.0–65.9)"]
+    assert dverge[:4] == ["dverge", "dverge", "4", "73.00 ± 0.40 (70.2–75.7)"]
+    assert dverge[-1] == "30.00 (27.2–32.9) ⚠1"
+    assert "n = 1000 test examples per cell" in comparison
+
+
+def test_intervals_come_from_the_json_or_are_computed_and_an_odd_n_is_shown_in_its_cell(tmp_path):
+    run = _make_run(tmp_path, "mixed", "baseline", evaluation=False)
+    (run / "eval").mkdir()
+    records = [_record("mixture", "clean", 0.0, 0.5, ci95=[0.25, 0.75]),  # stored: shown as is
+               _record("mixture", "fgsm", 0.03, 0.5),  # older file, no ci95: computed from accuracy and n
+               _record("mixture", "pgd-linf", 8 / 255, 0.5, n=100),
+               {"model": "mixture", "attack": "pgd-linf", "eps": 16 / 255, "accuracy": 0.25}]  # no n at all
+    (run / "eval" / "whitebox.json").write_text(json.dumps({"kind": "white-box", "results": records}))
+    md = write_report([run], tmp_path / "out")[0].read_text()
+    cells = _markdown_row(md, "**mixture**")[1:]
+    assert cells == ["50.00 (25.0–75.0)", "50.00 (46.9–53.1)", "50.00 (40.4–59.6, n=100)", "25.00 (n unknown)"]
+    assert "n = 1000 test examples per cell unless the cell gives its own n" in md
 
 
 def test_reported_paper_numbers_and_run_settings_are_shown(tmp_path, two_runs):

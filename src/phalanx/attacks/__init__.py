@@ -19,9 +19,11 @@ from phalanx.attacks.core import (
     targeted_dlr,
 )
 from phalanx.attacks.cw import cw_objective, pgd_cw
+from phalanx.attacks.fab import fab_t
 from phalanx.attacks.fgsm import fgsm
 from phalanx.attacks.fgsm_family import ifgsm, l1_momentum, mifgsm, rfgsm
 from phalanx.attacks.pgd import madry_step, pgd
+from phalanx.attacks.square import square
 from phalanx.attacks.registry import (
     ATTACKS,
     ONE_STEP_VERSION,
@@ -56,6 +58,7 @@ __all__ = [
     "coerce_norm",
     "cw_objective",
     "dlr_objective",
+    "fab_t",
     "fgsm",
     "ifgsm",
     "input_gradient",
@@ -70,6 +73,7 @@ __all__ = [
     "rfgsm",
     "run_attack",
     "sample_in_ball",
+    "square",
     "steepest_step",
     "targeted_dlr",
 ]

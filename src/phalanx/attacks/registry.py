@@ -17,9 +17,11 @@ from tqdm import tqdm
 from phalanx.attacks.apgd import apgd, apgd_t
 from phalanx.attacks.core import Norm, check_eps
 from phalanx.attacks.cw import pgd_cw
+from phalanx.attacks.fab import fab_t
 from phalanx.attacks.fgsm import fgsm
 from phalanx.attacks.fgsm_family import ifgsm, mifgsm, rfgsm
 from phalanx.attacks.pgd import madry_step, pgd
+from phalanx.attacks.square import square
 from phalanx.enums import coerce_enum
 
 
@@ -34,11 +36,15 @@ class AttackName(str, Enum):
     APGD_CE = "apgd-ce"
     APGD_DLR = "apgd-dlr"
     APGD_T = "apgd-t"
+    FAB_T = "fab-t"
+    SQUARE = "square"
     I_FGSM_L2 = "i-fgsm-l2"
     MI_FGSM_L2 = "mi-fgsm-l2"
     APGD_CE_L2 = "apgd-ce-l2"
     APGD_DLR_L2 = "apgd-dlr-l2"
     APGD_T_L2 = "apgd-t-l2"
+    FAB_T_L2 = "fab-t-l2"
+    SQUARE_L2 = "square-l2"
     # ensemble-adaptive: APGD on an objective that does not pass through the average of softmaxes
     APGD_CE_MEAN_LOGITS = "apgd-ce-mean-logits"
     APGD_DLR_MEAN_LOGITS = "apgd-dlr-mean-logits"
@@ -130,6 +136,12 @@ ATTACKS: dict[AttackName, AttackEntry] = {
     AttackName.APGD_CE: _apgd(Norm.LINF, loss="ce"),
     AttackName.APGD_DLR: _apgd(Norm.LINF, loss="dlr"),
     AttackName.APGD_T: _apgd_t(Norm.LINF),
+    # FAB-T as AutoAttack's standard suite runs it: 9 target classes, 100 iterations, 1 restart (autoattack.py)
+    AttackName.FAB_T: AttackEntry(fab_t, fixed={"norm": Norm.LINF}),
+    AttackName.FAB_T_L2: AttackEntry(fab_t, fixed={"norm": Norm.L2}),
+    # Square as AutoAttack's standard suite runs it: 5,000 queries, p_init 0.8, 1 restart (autoattack.py)
+    AttackName.SQUARE: AttackEntry(square, fixed={"norm": Norm.LINF}),
+    AttackName.SQUARE_L2: AttackEntry(square, fixed={"norm": Norm.L2}),
     AttackName.I_FGSM_L2: AttackEntry(ifgsm, fixed={"norm": Norm.L2}, defaults={"steps": 10}),
     AttackName.MI_FGSM_L2: AttackEntry(mifgsm, fixed={"norm": Norm.L2}, defaults={"steps": 10, "mu": 1.0}),
     AttackName.APGD_CE_L2: _apgd(Norm.L2, loss="ce"),

@@ -6,9 +6,9 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
-from phalanx.config import AttackConfig, RunConfig
+from phalanx.config import AttackConfig, RunConfig, SuiteConfig
 from phalanx.data import dataset_info, load_dataset
 from phalanx.eval.sanity import apply_sanity_checks
 from phalanx.eval.whitebox import evaluate_whitebox
@@ -17,13 +17,31 @@ from phalanx.runs import load_members
 from phalanx.models import Mixture
 from phalanx.train.loop import resolve_device
 
+ALL_EXAMPLES: Final = "all"  # `examples=ALL_EXAMPLES`: the whole test split, whatever the run's eval.examples
 
-def evaluate_run(run_dir: str | Path, *, attacks: Sequence[AttackConfig] | None = None, examples: int | None = None,
-                 device: str | None = None, progress: bool = False, large_eps: float | None = None) -> dict[str, Any]:
+
+def resolve_examples(examples: int | Literal["all"] | None, configured: int | None) -> int | None:
+    """How many test examples to evaluate, None meaning the whole test split: `examples` when it is a
+    number, None for ALL_EXAMPLES, and the run's `configured` eval.examples when `examples` is None."""
+    if examples is None:
+        return configured
+    if examples == ALL_EXAMPLES:
+        return None
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+        raise ValueError(f"examples must be an integer >= 1 or {ALL_EXAMPLES!r}, got {examples!r}")
+    return examples
+
+
+def evaluate_run(run_dir: str | Path, *, attacks: Sequence[AttackConfig] | None = None,
+                 examples: int | Literal["all"] | None = None, device: str | None = None,
+                 progress: bool = False, large_eps: float | None = None,
+                 suites: Sequence[SuiteConfig] | None = None, check_convergence: bool = False) -> dict[str, Any]:
     """White-box evaluation of a run's members and mixture on its dataset's test split.
 
-    Uses the run's `eval` settings unless `attacks`/`examples` are given; writes
-    `eval/whitebox.json` in the run directory and returns the same document.
+    Uses the run's `eval` settings unless `attacks`/`suites`/`examples` are given (attacks given
+    without suites run alone: the run's suites are not added); writes
+    `eval/whitebox.json` in the run directory and returns the same document. `examples`:
+    a number, ALL_EXAMPLES (the whole test split) or None (the run's eval.examples).
     """
     run_dir = Path(run_dir)
     started = time.perf_counter()
@@ -38,10 +56,13 @@ def evaluate_run(run_dir: str | Path, *, attacks: Sequence[AttackConfig] | None 
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     x = x_u8.to(dev).float().div_(255)
     y = y.to(dev)
+    if suites is None:
+        suites = cfg.eval.suites if attacks is None else ()
     attacks = tuple(cfg.eval.attacks if attacks is None else attacks)
-    n = cfg.eval.examples if examples is None else examples
+    n = resolve_examples(examples, cfg.eval.examples)
     records = evaluate_whitebox(mixture, x, y, attacks, examples=n, clean_repeats=cfg.eval.clean_repeats,
-                                seed=cfg.seed, batch_size=cfg.eval.batch_size, progress=progress, large_eps=large_eps)
+                                seed=cfg.seed, batch_size=cfg.eval.batch_size, progress=progress, large_eps=large_eps,
+                                suites=tuple(suites), check_convergence=check_convergence)
     doc = {
         "kind": "white-box", "run": str(run_dir), "dataset": cfg.data.dataset,
         "dataset_display": display_name(cfg, [str(w.message) for w in caught]), "method": cfg.train.method, "arch": cfg.model.arch,

@@ -9,6 +9,8 @@ The checks (after Carlini et al. 2019, "On evaluating adversarial robustness", s
 - accuracy never rises with eps for the same attack (and no attack beats clean accuracy);
 - an iterative attack is never weaker than its one-step version at the same eps (PGD, I-FGSM vs FGSM);
 - every perturbation lies inside its budget (the record's `max_perturbation` <= eps);
+- every attack can reach its budget (steps x step >= eps);
+- with `--check-convergence`, twice the steps and more restarts find no more than 1 point more;
 - an undefended model reaches ~0% at a large eps (`large_eps_check`);
 - white-box accuracy is not above transfer accuracy (`check_whitebox_below_transfer`).
 """
@@ -164,7 +166,43 @@ def check_large_eps(records: Sequence[Mapping[str, Any]]) -> list[Violation]:
     return out
 
 
-CHECKS = ("monotone-in-eps", "below-clean", "iterative-vs-one-step", "budget", "large-eps")
+def check_reachable_budget(records: Sequence[Mapping[str, Any]], *, slack: float = 1e-9) -> list[Violation]:
+    """An attack whose steps cannot reach the budget (steps x step < eps, in either norm: each step
+    moves at most `alpha` in the attack's norm) under-reports its own threat model."""
+    out = []
+    for i, rec in enumerate(records):
+        params = rec.get("params") or {}
+        alpha, steps = params.get("alpha"), params.get("steps")
+        if params.get("check") == "large-eps" or not isinstance(alpha, (int, float)) or not isinstance(steps, int):
+            continue
+        if rec["attack"] == "r-fgsm":  # its alpha is the random step; the gradient step is eps - alpha
+            continue
+        if steps * alpha < rec["eps"] - slack:
+            out.append(Violation("reachable-budget", i, (
+                f"{PREFIX}: {rec['model']} {rec['attack']} eps {rec['eps']:g}: {steps} steps of {alpha:g} reach only "
+                f"{steps * alpha:g} < eps; the attack cannot use its budget (give fewer --alpha/--steps overrides: "
+                f"its default step is 2.5 * eps / steps)")))
+    return out
+
+
+def check_convergence(records: Sequence[Mapping[str, Any]], *, tol: float = 0.01) -> list[Violation]:
+    """An attack rerun with twice the steps and more restarts (`--check-convergence`) must not find
+    more than `tol` additional examples: otherwise the first run had not converged."""
+    out = []
+    for i, rec in enumerate(records):
+        again = rec.get("convergence")
+        if again is not None and again["accuracy"] < rec["accuracy"] - tol:
+            p = again["params"]
+            out.append(Violation("convergence", i, (
+                f"{PREFIX}: {rec['model']} {rec['attack']} eps {rec['eps']:g}: {_fmt(rec['accuracy'])} falls to "
+                f"{_fmt(again['accuracy'])} with {p.get('steps')} steps"
+                f"{' and ' + str(p['restarts']) + ' restarts' if 'restarts' in p else ''}; not converged, "
+                f"report the longer run")))
+    return out
+
+
+CHECKS = ("monotone-in-eps", "below-clean", "iterative-vs-one-step", "budget", "reachable-budget", "convergence",
+          "large-eps")
 
 
 def apply_sanity_checks(records: Sequence[Record], *, tol: float = 0.01,
@@ -178,7 +216,8 @@ def apply_sanity_checks(records: Sequence[Record], *, tol: float = 0.01,
     """
     iterative = check_iterative_beats_one_step(records, tol=tol) if white_box else []
     violations = [*check_monotone_in_eps(records, tol=tol), *iterative,
-                  *check_perturbation_budget(records), *check_large_eps(records), *extra]
+                  *check_perturbation_budget(records), *check_reachable_budget(records),
+                  *check_convergence(records, tol=tol), *check_large_eps(records), *extra]
     for rec in records:
         rec.setdefault("warnings", [])
     section: dict[str, dict[str, Any]] = {name: {"passed": True, "violations": []} for name in CHECKS}

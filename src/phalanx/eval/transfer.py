@@ -32,6 +32,7 @@ from phalanx.attacks.core import Loss, per_example_loss
 from phalanx.config import AttackConfig
 from phalanx.data import load_dataset
 from phalanx.eval.sanity import apply_sanity_checks, check_whitebox_below_transfer
+from phalanx.eval.stats import add_ci95
 from phalanx.eval.whitebox import attack_spec, correct_mask, max_perturbation, named_models, strongest_records
 from phalanx.files import write_bytes_atomic, write_json_atomic
 from phalanx.models import Mixture
@@ -224,8 +225,9 @@ def evaluate_transfer(target_run_dir: str | Path, transfer_set_path: str | Path,
 
     Records (source "transfer:<surrogate run names>"): clean, then each stored attack, then one
     "strongest" record per (model, norm, eps): the per-example worst case over the stored attacks.
-    Sanity checks run on the records, plus "white-box not above transfer" when the target has
-    `eval/whitebox.json`. Writes `eval/transfer.json` in the target run directory and returns it.
+    Each record has its n and `ci95` (`stats.add_ci95`). Sanity checks run on the records, plus
+    "white-box not above transfer" when the target has `eval/whitebox.json`. Writes
+    `eval/transfer.json` in the target run directory and returns it.
     """
     from phalanx.runs import read_run_config
 
@@ -266,6 +268,7 @@ def evaluate_transfer(target_run_dir: str | Path, transfer_set_path: str | Path,
                             "wall_time_s": time.perf_counter() - t0,
                             "max_perturbation": max_perturbation(x_adv, x, norm)})
     records += strongest_records(masks, clean, source=source, seed=meta["seed"])
+    add_ci95(records)
     extra = []
     whitebox_path = run_dir / "eval" / "whitebox.json"
     if whitebox_path.is_file():

@@ -4,43 +4,45 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import nn
 
 from phalanx.attacks import ATTACKS, AttackSpec, attack_in_batches, coerce_attack_name
-from phalanx.config import AttackConfig
+from phalanx.config import AttackConfig, SuiteConfig
+from phalanx.eval.measure import accuracy, correct_mask, max_perturbation
 from phalanx.eval.sanity import apply_sanity_checks, large_eps_check
+from phalanx.eval.stats import add_ci95
+from phalanx.eval.suites import applies_to, robust_after, run_suite, stage_record
 from phalanx.models import Mixture
+
+__all__ = ["accuracy", "attack_spec", "correct_mask", "evaluate_whitebox", "max_perturbation", "named_models",
+           "strongest_records"]
 
 
 def attack_spec(cfg: AttackConfig) -> AttackSpec:
-    """The attack described by one `eval.attacks` entry: its keys that the attack takes and that are
-    set (e.g. FGSM takes none of alpha/steps/random_start/restarts, I-FGSM only steps)."""
+    """The attack described by one `eval.attacks` entry: the keys that are set (AttackConfig refuses
+    keys the attack does not take); the rest are the registry entry's defaults, scaled to eps."""
     tunable = ATTACKS[coerce_attack_name(cfg.name)].tunable()
     params = {"alpha": cfg.alpha, "steps": cfg.steps, "random_start": cfg.random_start, "restarts": cfg.restarts}
     return AttackSpec(cfg.name, cfg.eps, {k: v for k, v in params.items() if v is not None and k in tunable})
 
 
-def max_perturbation(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> float:
-    """The largest per-example norm of x_adv - x in the attack's norm ("linf" or "l2")."""
-    if len(x) == 0:
-        return 0.0
-    d = (x_adv - x).flatten(1)
-    return float(d.abs().amax() if norm == "linf" else d.norm(dim=1).amax())
-
-
-@torch.no_grad()
-def correct_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Per example: does `model` classify it correctly? The model's mode is left as found."""
-    mode = model.training
-    model.eval()
-    out = torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size] for i in range(0, len(y), batch_size)]
-                    ) if len(y) else torch.zeros(0, dtype=torch.bool, device=y.device)
-    model.train(mode)
-    return out
+def convergence_spec(spec: AttackSpec) -> AttackSpec | None:
+    """The same attack with twice the steps and more restarts (`--check-convergence`), or None for an
+    attack without steps. A derived step is derived again (PGD: 2.5 * eps / (2 * steps)); an explicit
+    one is kept, so the attack can also walk twice as far."""
+    entry = ATTACKS[spec.name]
+    used = spec.resolved_params()
+    if "steps" not in entry.tunable():
+        return None
+    params = dict(spec.params) | {"steps": 2 * used["steps"]}
+    if "restarts" in entry.tunable():
+        params["restarts"] = max(2 * used["restarts"], 3)
+        if "random_start" in entry.tunable():
+            params["random_start"] = True
+    return AttackSpec(spec.name, spec.eps, params)
 
 
 def strongest_name(norm: str) -> str:
@@ -64,17 +66,6 @@ def strongest_records(masks: dict[tuple[str, str, float], list[tuple[str, torch.
                         "params": {"norm": norm, "attacks": [name for name, _ in runs]}, "source": source,
                         "seed": seed, "wall_time_s": 0.0})
     return records
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy of `model` on float pixels `x`; the model's mode is left as found."""
-    mode = model.training
-    model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(y), batch_size))
-    model.train(mode)
-    return correct / max(len(y), 1)
 
 
 def named_models(mixture: Mixture) -> list[tuple[str, nn.Module]]:
@@ -101,17 +92,23 @@ def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, exampl
 
 def evaluate_whitebox(mixture: Mixture, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[AttackConfig], *,
                       examples: int | None = None, clean_repeats: int = 1, seed: int = 0, batch_size: int = 500,
-                      progress: bool = False, large_eps: float | None = None) -> list[dict[str, Any]]:
+                      progress: bool = False, large_eps: float | None = None, suites: Sequence[SuiteConfig] = (),
+                      check_convergence: bool = False) -> list[dict[str, Any]]:
     """Clean and white-box adversarial accuracy of every member and of the mixture, sanity-checked.
 
     Each model is attacked through its own gradients (a member alone, or the whole mixture).
-    Returns one record per (model, attack) with accuracy, n, parameters, source, seed, wall time,
-    `max_perturbation` (largest norm of x_adv - x, in the attack's norm) and `warnings`; then one
-    "strongest" record per (model, norm, eps) run with two or more attacks (the per-example worst
-    case, see `strongest_records`). With `large_eps`, each model also gets a PGD-Linf record at that
-    eps (`sanity.large_eps_check`) that warns unless accuracy falls to ~0. The records are checked
-    by `sanity.apply_sanity_checks`: violations are appended to the offending record's `warnings`;
-    call it again on the records (idempotent) for the document's `sanity` section.
+    Returns one record per (model, attack) with accuracy, n, the parameters actually used, source,
+    seed, wall time, `max_perturbation` (largest norm of x_adv - x, in the attack's norm) and
+    `warnings`; one record per suite (`suites.run_suite`: "autoattack" with its stages, or one per
+    objective of the ensemble suite, on the mixture only); then one "strongest" record per (model,
+    norm, eps) run with two or more attacks (the per-example worst case over all of them, see
+    `strongest_records`). With `check_convergence`, each iterative attack is run again with twice the
+    steps and more restarts (`convergence_spec`): its accuracy is kept in the record's `convergence`,
+    a drop of more than 1 point is a sanity warning, and its examples count in the worst case. With
+    `large_eps`, each model also gets a PGD-Linf record at that eps (`sanity.large_eps_check`) that
+    warns unless accuracy falls to ~0. The records are checked by `sanity.apply_sanity_checks`:
+    violations are appended to the offending record's `warnings`; call it again on the records
+    (idempotent) for the document's `sanity` section.
     """
     n = len(y) if examples is None else min(examples, len(y))
     xs, ys = x[:n], y[:n]
@@ -128,18 +125,23 @@ def evaluate_whitebox(mixture: Mixture, x: torch.Tensor, y: torch.Tensor, attack
         records[-1]["accuracy_attacked"] = float(clean_masks[name].float().mean())  # clean on the attacked subset
         for cfg in attacks:
             spec = attack_spec(cfg)
-            started = time.perf_counter()
-            gen = torch.Generator(device=xs.device).manual_seed(seed)
-            x_adv = attack_in_batches(spec, model, xs, ys, batch_size, generator=gen,
-                                      progress=f"{name} {cfg.name} eps={cfg.eps:g}" if progress else None)
-            correct = correct_mask(model, x_adv, ys, batch_size)
-            norm = spec.resolved_params()["norm"]
-            masks.setdefault((name, norm, cfg.eps), []).append((cfg.name, correct))
-            records.append({"model": name, "attack": cfg.name, "eps": cfg.eps,
-                            "accuracy": float(correct.float().mean()) if n else 0.0, "n": n,
-                            "params": asdict(cfg), "source": "white-box", "seed": seed,
-                            "wall_time_s": time.perf_counter() - started,
-                            "max_perturbation": max_perturbation(x_adv, xs, norm)})
+            if ATTACKS[spec.name].ensemble_only and not callable(getattr(model, "member_logits", None)):
+                continue  # an ensemble objective; a single member has only its own output
+            label = f"{name} {cfg.name} eps={cfg.eps:g}" if progress else None
+            record, correct = _attack_record(name, model, spec, xs, ys, seed=seed, batch_size=batch_size, progress=label)
+            masks.setdefault((name, record["params"]["norm"], cfg.eps), []).append((cfg.name, correct))
+            again = convergence_spec(spec) if check_convergence else None
+            if again is not None:
+                longer, longer_correct = _attack_record(name, model, again, xs, ys, seed=seed, batch_size=batch_size,
+                                                        progress=f"{label} (convergence)" if progress else None)
+                record["convergence"] = {k: longer[k] for k in ("accuracy", "params", "wall_time_s")}
+                masks[(name, record["params"]["norm"], cfg.eps)].append((f"{cfg.name} (convergence)", longer_correct))
+            records.append(record)
+        for suite in suites:
+            if suite.models == "mixture" and name != "mixture" or not applies_to(suite.name, model):
+                continue
+            records += _suite_records(name, model, suite, xs, ys, clean_masks[name], masks, seed=seed,
+                                      batch_size=batch_size, progress=progress)
         if large_eps is not None:
             started = time.perf_counter()
             check = large_eps_check(model, xs, ys, eps=large_eps, seed=seed)
@@ -148,5 +150,48 @@ def evaluate_whitebox(mixture: Mixture, x: torch.Tensor, y: torch.Tensor, attack
                                                "check": "large-eps", "max_accuracy": check["max_accuracy"]},
                             "source": "white-box", "seed": seed, "wall_time_s": time.perf_counter() - started})
     records += strongest_records(masks, clean_masks, source="white-box", seed=seed)
+    add_ci95(records)
     apply_sanity_checks(records)
     return records
+
+
+def _attack_record(name: str, model: nn.Module, spec: AttackSpec, x: torch.Tensor, y: torch.Tensor, *, seed: int,
+                   batch_size: int, progress: str | None) -> tuple[dict[str, Any], torch.Tensor]:
+    """One attack on one model: its record (parameters as used) and which examples it left correct."""
+    started = time.perf_counter()
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    x_adv = attack_in_batches(spec, model, x, y, batch_size, generator=gen, progress=progress)
+    correct = correct_mask(model, x_adv, y, batch_size)
+    params = spec.resolved_params()
+    return {"model": name, "attack": spec.name.value, "eps": spec.eps,
+            "accuracy": float(correct.float().mean()) if len(y) else 0.0, "n": len(y), "params": params,
+            "source": "white-box", "seed": seed, "wall_time_s": time.perf_counter() - started,
+            "max_perturbation": max_perturbation(x_adv, x, params["norm"])}, correct
+
+
+def _suite_records(name: str, model: nn.Module, suite: SuiteConfig, x: torch.Tensor, y: torch.Tensor,
+                   clean: torch.Tensor, masks: dict[tuple[str, str, float], list[tuple[str, torch.Tensor]]], *,
+                   seed: int, batch_size: int, progress: bool) -> list[dict[str, Any]]:
+    """The records of one suite on one model; each verdict joins `masks` for the worst case."""
+    stages = run_suite(model, x, y, suite.name, eps=suite.eps, norm=suite.norm, clean_correct=clean, seed=seed,
+                       batch_size=batch_size, progress=f"{name} {suite.name} eps={suite.eps:g}" if progress else None)
+    n = len(y)
+    key = (name, suite.norm, suite.eps)
+    if suite.name == "autoattack":
+        robust = robust_after(stages, clean)
+        masks.setdefault(key, []).append((suite.name, robust))
+        attack = "autoattack" if suite.norm == "linf" else "autoattack-l2"
+        return [{"model": name, "attack": attack, "eps": suite.eps,
+                 "accuracy": float(robust.float().mean()) if n else 0.0, "n": n,
+                 "params": {"suite": "autoattack", "version": "standard", "norm": suite.norm,
+                            "stages": [stage_record(s) for s in stages]},
+                 "source": "white-box", "seed": seed, "wall_time_s": sum(s.wall_time_s for s in stages),
+                 "max_perturbation": max((s.max_perturbation for s in stages), default=0.0)}]
+    out = []
+    for stage in stages:
+        masks.setdefault(key, []).append((stage.spec.name.value, stage.robust))
+        out.append({"model": name, "attack": stage.spec.name.value, "eps": suite.eps,
+                    "accuracy": float(stage.robust.float().mean()) if n else 0.0, "n": n,
+                    "params": stage.spec.resolved_params() | {"suite": "ensemble"}, "source": "white-box",
+                    "seed": seed, "wall_time_s": stage.wall_time_s, "max_perturbation": stage.max_perturbation})
+    return out

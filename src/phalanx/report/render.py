@@ -23,7 +23,8 @@ from typing import Any
 
 import yaml
 
-from phalanx.eval.tables import markdown_table
+from phalanx.eval.stats import record_ci95, record_n
+from phalanx.eval.tables import common_n, markdown_table
 from phalanx.files import write_text_atomic
 from phalanx.report import figures
 from phalanx.report.figures import Curve, Panel, eps_label
@@ -263,20 +264,40 @@ def _columns(records: Sequence[Mapping[str, Any]]) -> list[Column]:
     return sorted(cols, key=lambda c: c[0] != "clean")  # stable: clean first, then as measured
 
 
-def _cell(rec: Mapping[str, Any]) -> str:
+def _cell(rec: Mapping[str, Any], n_shown: int | None) -> str:
+    """"61.76 (58.7–64.7)": accuracy and its 95% Wilson interval in %; a clean accuracy averaged over
+    random subsets adds its spread, "61.76 ± 0.40 (58.7–64.7)"; an n other than the table's
+    `n_shown` goes inside the parentheses, "(58.7–64.7, n=64)". Records written before `ci95` existed
+    get it computed from their accuracy and n."""
     text = f"{100 * rec['accuracy']:.2f}"
     std = rec.get("accuracy_std")
     if _is_number(std) and (rec.get("repeats", 1) > 1 if _is_number(rec.get("repeats")) else std > 0):
         text += f" ± {100 * std:.2f}"
-    return text
+    ci, n = record_ci95(rec), record_n(rec)
+    inside = [] if ci is None else [f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}"]
+    if n != n_shown or ci is None:
+        inside.append(f"n={n}" if n is not None else "n unknown")
+    return f"{text} ({', '.join(inside)})"
+
+
+def _n_text(records: Sequence[Mapping[str, Any]]) -> str:
+    """What a table's caption says about n and the intervals of its cells (see `_cell`)."""
+    n = common_n(records)
+    if n is None:
+        return "n unknown: no confidence interval"
+    differs = any(record_n(r) != n for r in records)
+    return (f"n = {n} test examples per cell" + (" unless the cell gives its own n" if differs else "")
+            + "; in parentheses the 95% Wilson confidence interval")
 
 
 def accuracy_table(records: Sequence[Mapping[str, Any]], caption: str) -> Table:
-    """Member rows then the mixture row; clean then each (attack, eps); accuracy in %.
+    """Member rows then the mixture row; clean then each (attack, eps); accuracy and its 95%
+    interval in % (`_cell`); the caption says n (`_n_text`).
 
     A record's warnings put a numbered marker next to its number and a footnote under the table.
     """
     cols = _columns(records)
+    n_shown = common_n(records)
     cells: dict[str, dict[Column, str]] = {}
     order: dict[str, int] = {}
     notes: list[str] = []
@@ -284,7 +305,7 @@ def accuracy_table(records: Sequence[Mapping[str, Any]], caption: str) -> Table:
     for rec in records:
         col = (rec["attack"], rec["eps"])
         order.setdefault(rec["model"], len(order))
-        text = _cell(rec)
+        text = _cell(rec, n_shown)
         marks = []
         for warning in rec.get("warnings", []):
             if warning not in notes:
@@ -333,12 +354,11 @@ def _eval_caption(records: Sequence[Mapping[str, Any]], doc_epoch: Any) -> str:
     parts = []
     if _is_number(doc_epoch):
         parts.append(f"checkpoint of epoch {doc_epoch:g}")
-    ns = sorted({r["n"] for r in records if _is_number(r.get("n"))})
-    if ns:
-        parts.append("n = " + ", ".join(f"{n:g}" for n in ns) + " test examples")
+    parts.append(_n_text(records))
     repeats = {r.get("repeats") for r in records if r["attack"] == "clean" and _is_number(r.get("repeats"))}
     if any(r > 1 for r in repeats):
-        parts.append(f"clean accuracy averaged over {max(repeats):g} random subsets (mean ± std)")
+        parts.append(f"clean accuracy averaged over {max(repeats):g} random subsets (mean ± std; its "
+                     "interval is that of one subset's n)")
     seeds = sorted({r["seed"] for r in records if _is_number(r.get("seed"))})
     if seeds:
         parts.append("seed " + ", ".join(f"{s:g}" for s in seeds))
@@ -627,11 +647,12 @@ def _comparison_blocks(runs: Sequence[RunData]) -> list[Block]:
         blocks.append(Text("No run has white-box results for its mixture: comparison skipped.", missing=True))
         return blocks + _coherence_comparison(runs)
     cols = _columns(all_records)
+    n_shown = common_n(all_records)
     rows, footnotes, notes = [], [], []
     for run, records in per_run:
         cells = {}
         for rec in records:
-            text = _cell(rec)
+            text = _cell(rec, n_shown)
             marks = []
             for warning in rec["warnings"]:
                 if warning not in notes:
@@ -643,7 +664,8 @@ def _comparison_blocks(runs: Sequence[RunData]) -> list[Block]:
         rows.append([run.name, str(_get(run.config, "train.method") or "—"),
                      f"{epoch:g}" if _is_number(epoch) else "—", *(cells.get(c, "—") for c in cols)])
     blocks.append(Table(["run", "method", "epoch", *map(column_label, cols)], rows,
-                        "White-box accuracy (%) of each run's mixture; — where a run was not evaluated so.",
+                        "White-box accuracy (%) of each run's mixture; — where a run was not evaluated so; "
+                        + _n_text(all_records) + ".",
                         footnotes, bold_row=None))
     panels: dict[str, list[Curve]] = {}
     for run, records in per_run:
