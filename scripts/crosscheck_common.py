@@ -7,6 +7,7 @@ import argparse
 import torch
 
 import phalanx
+from phalanx.attacks import madry_step
 from phalanx.data import load_dataset
 from phalanx.models import Mixture
 from phalanx.runs import read_run_config
@@ -16,10 +17,13 @@ def crosscheck_args(description: str, examples: int) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("run_dir")
     p.add_argument("--eps", type=float, default=0.03)
-    p.add_argument("--alpha", type=float, default=0.007)
+    p.add_argument("--alpha", type=float, help="PGD step (default 2.5 * eps / steps, Madry et al.)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--examples", type=int, default=examples)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.alpha is None:
+        args.alpha = madry_step(args.eps, args.steps)
+    return args
 
 
 def run_and_examples(run_dir: str, examples: int) -> tuple[Mixture, torch.Tensor, torch.Tensor]:

@@ -45,3 +45,29 @@ def test_every_preset_is_valid():
         load_config(resolve_config_path(name))
     with pytest.raises(ConfigError, match="neither a file nor a preset"):
         resolve_config_path("no/such-preset")
+
+
+def test_an_attack_parameter_equal_to_its_default_is_stored_as_not_given():
+    """Run configs written before attack parameters defaulted to "not given" (random_start: true,
+    restarts: 1 on every attack) still load and compare equal to today's preset."""
+    from phalanx.config import AttackConfig
+
+    old = AttackConfig("fgsm", 0.03, random_start=True, restarts=1)
+    assert old == AttackConfig("fgsm", 0.03)
+    assert AttackConfig("pgd-linf", 0.03, alpha=0.007, steps=10, random_start=True, restarts=1) == \
+        AttackConfig("pgd-linf", 0.03, alpha=0.007)
+    assert AttackConfig("pgd-linf", 0.03, steps=20).steps == 20  # a real change is kept
+
+
+def test_attack_values_outside_their_range_are_refused():
+    import pytest
+
+    from phalanx.config import AttackConfig, ConfigError
+
+    with pytest.raises(ConfigError, match=r"eval.attacks\[\].eps = 2.0 is not allowed; expected a number in \[0, 1\]"):
+        AttackConfig("pgd-linf", 2.0)
+    assert AttackConfig("pgd-l2", 2.0).eps == 2.0  # an L2 budget may exceed 1
+    with pytest.raises(ConfigError, match=r"only parameters fgsm takes"):
+        AttackConfig("fgsm", 0.1, steps=5)
+    with pytest.raises(ConfigError, match="eval.attacks\\[\\].name = 'deepfool'"):
+        AttackConfig("deepfool", 0.1)

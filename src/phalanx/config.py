@@ -129,6 +129,14 @@ class AttackConfig:
         _check(self.name in {a.value for a in AttackName}, "eval.attacks[].name", self.name,
                f"one of {[a.value for a in AttackName]}")
         entry = ATTACKS[AttackName(self.name)]
+        # A value equal to the attack's own default is the same attack as "not given", and is stored so:
+        # run configs written before these became "not given" hold random_start: true, restarts: 1 for
+        # every attack (meaningless to one without restarts), and must still resume and compare equal.
+        own = entry.resolve(self.eps, {}) if self.eps >= 0 else {}
+        for key, old_default in (("random_start", True), ("restarts", 1), ("steps", None)):
+            value = getattr(self, key)
+            if (key not in entry.tunable() and value == old_default) or (key in own and value == own[key]):
+                object.__setattr__(self, key, None)
         linf = entry.fixed.get("norm") != "l2"
         _check(math.isfinite(self.eps) and 0 <= self.eps and (self.eps <= 1 or not linf), "eval.attacks[].eps",
                self.eps, "a number in [0, 1] (an Linf budget in pixels)" if linf else "a finite number >= 0")
