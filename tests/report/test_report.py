@@ -343,3 +343,21 @@ def test_a_malformed_part_is_skipped_and_the_rest_is_shown(tmp_path):
     assert "malformed `coherence` list" in md and "Coherence histogram skipped" in md
     _assert_png(tmp_path / "out" / "figures" / "half-gaas.png")
     assert not (tmp_path / "out" / "figures" / "half-coherence.png").exists()
+
+
+def test_the_comparison_figure_of_the_worst_case_appears_when_runs_have_one(tmp_path):
+    runs = []
+    for k, name in enumerate(("base", "div")):
+        run = _make_run(tmp_path, name, "baseline", offset=0.05 * k)
+        doc = json.loads((run / "eval" / "whitebox.json").read_text())
+        doc["results"].append(_record("mixture", "strongest", EPS[1], 0.2 + 0.05 * k,
+                                      params={"norm": "linf", "attacks": ["pgd-linf", "autoattack"]}))
+        (run / "eval" / "whitebox.json").write_text(json.dumps(doc))
+        runs.append(run)
+    md_path, _ = write_report(runs, tmp_path / "out", title="worst case")
+    _assert_png(tmp_path / "out" / "figures" / "comparison-worst-case.png")
+    assert "per-example worst case over every attack run (autoattack, pgd-linf)" in md_path.read_text()
+
+
+def test_no_worst_case_figure_without_a_worst_case(report):
+    assert not (report[0].parent / "figures" / "comparison-worst-case.png").exists()

@@ -160,6 +160,52 @@ def robustness_figure(panels: Sequence[Panel], *, title: str) -> bytes:
     return _png(fig)
 
 
+@dataclass(frozen=True)
+class Bar:
+    """One bar of a grouped bar chart: accuracy in [0, 1] with its 95% interval."""
+
+    group: str  # e.g. a run
+    series: str  # e.g. "worst case"
+    accuracy: float
+    ci95: tuple[float, float] | None = None
+
+
+_HATCHES = ("", "//", "..", "xx", "\\\\", "oo")
+
+
+def interval_bars_figure(bars: Sequence[Bar], *, title: str, ylabel: str = "accuracy (%)") -> bytes:
+    """Grouped bars (one group per run, one bar per series) with 95% interval whiskers; series are told
+    apart by hatching and grey level, so the figure reads without colour."""
+    groups = list(dict.fromkeys(b.group for b in bars))
+    series = list(dict.fromkeys(b.series for b in bars))
+    fig = _new_figure(1.6 + 1.1 * len(groups) * max(len(series), 1) * 0.6 + 1.5, 4.2)
+    ax = fig.subplots()
+    width = 0.8 / max(len(series), 1)
+    for k, name in enumerate(series):
+        shade = 0.15 + 0.7 * k / max(len(series) - 1, 1)
+        for g, group in enumerate(groups):
+            bar = next((b for b in bars if b.group == group and b.series == name), None)
+            if bar is None:
+                continue
+            x = g - 0.4 + width * (k + 0.5)
+            err = None
+            if bar.ci95 is not None:
+                err = [[100 * (bar.accuracy - bar.ci95[0])], [100 * (bar.ci95[1] - bar.accuracy)]]
+            ax.bar(x, 100 * bar.accuracy, width, yerr=err, capsize=3, color=str(shade), edgecolor="black",
+                   hatch=_HATCHES[k % len(_HATCHES)], label=name if g == 0 else None)
+            top = bar.ci95[1] if bar.ci95 is not None else bar.accuracy
+            ax.text(x, 100 * top + 1, f"{100 * bar.accuracy:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_ylim(0, 118)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(series), frameon=False)
+    fig.suptitle(title)
+    return _png(fig)
+
+
 def _eps_tick(value: float, _pos: int) -> str:
     return "0\n(clean)" if abs(value) < 1e-9 else eps_label(value / 255)
 

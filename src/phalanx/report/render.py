@@ -677,7 +677,34 @@ def _comparison_blocks(runs: Sequence[RunData]) -> list[Block]:
                                         title="Mixtures compared: white-box accuracy against ε")
         blocks.append(Image("figures/comparison-robustness.png", png,
                             "White-box accuracy of each run's mixture against ε (ε = 0 is clean accuracy)."))
-    return blocks + _coherence_comparison(runs)
+    return blocks + _worst_case_comparison(per_run) + _coherence_comparison(runs)
+
+
+def _worst_case_comparison(per_run: Sequence[tuple[RunData, Sequence[Mapping[str, Any]]]]) -> list[Block]:
+    """Each mixture's per-example worst case over every attack run, beside the cheapest iterative
+    attack at the same eps, with 95% intervals: the figure a comparison of defenses should be read from."""
+    bars: list[figures.Bar] = []
+    eps_values = sorted({r["eps"] for _, recs in per_run for r in recs if r["attack"] == "strongest"})
+    if not eps_values:
+        return []
+    eps = eps_values[len(eps_values) // 2]
+    for run, records in per_run:
+        at = {r["attack"]: r for r in records if r["eps"] == eps}
+        for label, attack in (("PGD-L∞ (cheap)", "pgd-linf"), ("AutoAttack", "autoattack"),
+                              ("worst case", "strongest")):
+            if attack in at:
+                rec = at[attack]
+                bars.append(figures.Bar(run.name, label, rec["accuracy"], record_ci95(rec)))
+    worst = [b for b in bars if b.series == "worst case"]
+    if not worst:
+        return []
+    png = figures.interval_bars_figure(bars, title=f"Mixtures at ε = {eps:g}: the cheap attack against the worst case")
+    names = sorted({a for _, recs in per_run for r in recs if r["attack"] == "strongest" and r["eps"] == eps
+                    for a in (r.get("params") or {}).get("attacks", [])})
+    return [Image("figures/comparison-worst-case.png", png,
+                  f"Each mixture's white-box accuracy at ε = {eps:g} with its 95% Wilson interval: the cheap PGD-L∞ "
+                  f"column, AutoAttack where it was run, and the per-example worst case over every attack run "
+                  f"({', '.join(names)}). Compare defenses by the worst case.")]
 
 
 def _coherence_comparison(runs: Sequence[RunData]) -> list[Block]:
