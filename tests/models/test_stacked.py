@@ -119,3 +119,19 @@ def test_stack_needs_one_input_per_member():
     stack = stack_members(_members("conv"))
     with pytest.raises(ValueError, match="one input per member"):
         stack.stack(_inputs(2))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_logits_equal_the_stacked_copies_and_each_members_own_call(arch):
+    members = _members(arch, train=False)
+    stack = stack_members(members)
+    x = _inputs(1)[0]
+    shared = stack.shared_logits(x)
+    torch.testing.assert_close(shared, stack.logits(stack.stack([x] * len(members))))
+    for m, out in zip(members, shared.unbind(0)):
+        torch.testing.assert_close(out, m(x))
+
+
+def test_members_with_other_input_statistics_are_not_stacked():
+    other = InputSpec(channels=3, size=16, num_classes=10, mean=(0.1, 0.2, 0.3), std=(0.3, 0.3, 0.3))
+    assert stack_members([build_model("resnet20", SPEC), build_model("resnet20", other)]) is None

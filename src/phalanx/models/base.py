@@ -61,6 +61,9 @@ class Classifier(nn.Module):
     # True when running members stacked was measured faster than one call per member
     # (benchmarks/RESULTS.md); methods that can stack use it as their default
     prefers_stacking: ClassVar[bool] = False
+    # The name of the convolution that alone reads the normalized input, if there is one: stacked
+    # members given one batch for all (an ensemble's forward) run it once with all their kernels
+    input_conv: ClassVar[str | None] = None
 
     def __init__(self, spec: InputSpec) -> None:
         super().__init__()

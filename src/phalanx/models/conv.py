@@ -88,6 +88,7 @@ class SeedConv(StagedClassifier):
 
     # 3- to 16-channel layers: one grouped kernel beats M small ones on a CPU (benchmarks/RESULTS.md)
     prefers_stacking: ClassVar[bool] = True
+    input_conv: ClassVar[str | None] = "stages.conv1"
 
     def __init__(self, spec: InputSpec, activation: Activation | str = Activation.RELU):
         if spec.size < 16:
@@ -118,6 +119,8 @@ class ConvNet(StagedClassifier):
 
     `widths` lists the conv channels; `pool_after` the indices of convs followed by pooling.
     """
+
+    input_conv: ClassVar[str | None] = "stages.conv1"
 
     def __init__(
         self,

@@ -47,6 +47,7 @@ class ResNet(Classifier):
     """CIFAR ResNet of depth 6n+2 with taps `stem`, `s{stage}b{block}.mid`, `s{stage}b{block}.out`, `logits`."""
 
     stackable: ClassVar[bool] = True  # every op acts per channel or per example (models/stacked.py)
+    input_conv: ClassVar[str | None] = "stem.0"
 
     def __init__(self, spec: InputSpec, depth: int = 20, activation: Activation | str = Activation.RELU):
         if depth < 8 or (depth - 2) % 6:

@@ -10,6 +10,10 @@ calls; for wider layers oneDNN's grouped convolutions are slower than separate o
 
 The stack holds no parameters of its own: each forward concatenates the members' current
 parameters, so gradients flow back to the members and an optimizer step on them is seen at once.
+
+When every member gets the same input (an ensemble's forward: `shared_logits`), the convolution
+that reads the input (`Classifier.input_conv`) runs once on it with all members' kernels as
+one ordinary convolution, instead of as a grouped one over M copies of the input.
 """
 
 from __future__ import annotations
@@ -67,6 +71,22 @@ class _StackedConv2d(_StackedParameters):
         return F.conv2d(z, weight, bias, c.stride, c.padding, c.dilation, self.groups)
 
 
+class _StackedInputConv2d(_StackedConv2d):
+    """The convolution that alone reads the input: also takes one (B, C, H, W) batch for all members.
+
+    Member m's kernels are output channels [m*C', (m+1)*C') of the concatenated weight, so an
+    ungrouped convolution of the shared input gives the channel-stacked output that the grouped
+    one gives on M copies of it, without copying the input or summing M input gradients.
+    """
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        c = self.convs[0]
+        if z.shape[1] != c.in_channels:  # channel-stacked: M * in_channels
+            return super().forward(z)
+        weight, bias = self.stacked_parameters()
+        return F.conv2d(z, weight, bias, c.stride, c.padding, c.dilation, 1)
+
+
 class _StackedLinear(_StackedParameters):
     def __init__(self, linears: Sequence[nn.Linear]):
         super().__init__()
@@ -121,11 +141,16 @@ class _StackedFlatten(nn.Module):
         return z.unflatten(1, (self.members, -1)).transpose(0, 1).flatten(2)
 
 
-def _stack_module(name: str, modules: list[nn.Module]) -> nn.Module | None:
-    """The stacked replacement of one leaf module of every member, or None when it has none."""
+def _stack_module(name: str, modules: list[nn.Module], *, reads_input: bool) -> nn.Module | None:
+    """The stacked replacement of one leaf module of every member, or None when it has none.
+
+    `reads_input`: the module is the members' `input_conv`.
+    """
     first = modules[0]
     if isinstance(first, nn.Conv2d):
-        return _StackedConv2d(modules) if first.padding_mode == "zeros" else None
+        if first.padding_mode != "zeros":
+            return None
+        return _StackedInputConv2d(modules) if reads_input and first.groups == 1 else _StackedConv2d(modules)
     if isinstance(first, nn.Linear):
         return _StackedLinear(modules)
     if isinstance(first, nn.BatchNorm2d):
@@ -147,6 +172,7 @@ class StackedMembers:
         self.members = list(members)
         self.channels = members[0].spec.channels
         self._net = net
+        self._shares_input = any(isinstance(m, _StackedInputConv2d) for m in net.modules())
 
     def __len__(self) -> int:
         return len(self.members)
@@ -181,6 +207,16 @@ class StackedMembers:
         """Each member's logits on its own part of `x`: (M, B, classes)."""
         return self._net(x)
 
+    def shared_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Each member's logits on the same batch `x` (B, C, H, W): (M, B, classes).
+
+        The same values as `logits(stack([x] * M))`; with an `input_conv`, x is read once.
+        """
+        if not self._shares_input:
+            return self.logits(self.stack([x] * len(self.members)))
+        # the members' own normalization (one spec for all): x keeps its C channels
+        return self._net._run(self.members[0].normalize(x), None, False)
+
 
 class StackedLogits(nn.Module):
     """A stack as one model for the attack template (attacks/core.py): (B, M*C, H, W) in,
@@ -200,12 +236,14 @@ def stack_members(members: Sequence[Classifier]) -> StackedMembers | None:
     """The members run as one network, or None when they cannot be stacked.
 
     They can when there are at least two, all of one `stackable` classifier type with the same
-    modules and parameter shapes, and every parametrized module has a stacked form here.
+    input spec, modules and parameter shapes, and every parametrized module has a stacked form here.
     """
     if len(members) < 2:
         return None
     first = members[0]
     if not getattr(type(first), "stackable", False) or any(type(m) is not type(first) for m in members):
+        return None
+    if any(m.spec != first.spec for m in members):  # the stack normalizes with the first member's statistics
         return None
     layout = [(n, type(mod)) for n, mod in first.named_modules()]
     shapes = [(n, p.shape) for n, p in first.named_parameters()]
@@ -224,7 +262,8 @@ def stack_members(members: Sequence[Classifier]) -> StackedMembers | None:
             continue
         if not isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.Flatten)):
             return None
-        stacked = _stack_module(name, [m.get_submodule(name) for m in members])
+        stacked = _stack_module(name, [m.get_submodule(name) for m in members],
+                                reads_input=name == first.input_conv)
         if stacked is None:
             return None
         parent_name, _, child = name.rpartition(".")
