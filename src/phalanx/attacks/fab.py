@@ -72,7 +72,7 @@ def smallest_level(breaks: torch.Tensor, weights: torch.Tensor, target: torch.Te
 def project_hyperplane_box(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor, *,
                            norm: Norm | str) -> torch.Tensor:
     """Per row i, the minimal-`norm` step d with <w_i, p_i + d> = b_i and p_i + d in [0, 1]^d
-    (Croce & Hein 2020, sec. 3.1, the projection onto a hyperplane intersected with a box).
+    (Croce & Hein 2020: the projection onto a hyperplane with box constraints).
 
     `points` (rows, d) in [0, 1], `w` (rows, d), `b` (rows,). Every minimiser moves each coordinate
     towards the hyperplane, by at most its room r_i to the box's face: Linf d_i = sign(w_i) min(lam, r_i)
@@ -111,8 +111,9 @@ def logit_gap_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def fab_step(x_k: torch.Tensor, x: torch.Tensor, gap: torch.Tensor, grad: torch.Tensor, *, norm: Norm,
              alpha_max: float, eta: float) -> torch.Tensor:
-    """One FAB step (Croce & Hein 2020, sec. 3.2): with d_k, d_0 the projections of x_k and x onto the
-    linearised boundary ∩ box and alpha = min(|d_k| / (|d_k| + |d_0|), alpha_max),
+    """One FAB step (Croce & Hein 2020, the biased gradient step with extrapolation): with d_k, d_0 the
+    projections of x_k and x onto the linearised boundary ∩ box and
+    alpha = min(|d_k| / (|d_k| + |d_0|), alpha_max),
     x_{k+1} = clip_[0,1]((1 - alpha) (x_k + eta d_k) + alpha (x + eta d_0))."""
     n = x_k.shape[0]
     w = grad.flatten(1)
@@ -181,7 +182,8 @@ def random_start(x: torch.Tensor, *, eps: float, norm: Norm,
 def _check_range(name: str, value: float, lo: float, hi: float, *, open_lo: bool = False) -> None:
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if not (ok and (value > lo if open_lo else value >= lo) and value <= hi):
-        raise ValueError(f"{name} must be a number in {'(' if open_lo else '['}{lo:g}, {hi:g}], got {value!r}")
+        bracket = "(" if open_lo else "["
+        raise ValueError(f"{name} must be a number in {bracket}{lo:g}, {hi:g}], got {value!r}")
 
 
 def fab_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: Norm | str = "linf",
