@@ -5,6 +5,7 @@ no traceback, and no partial file (`*.tmp`) left in the run directory.
 """
 
 import errno
+import json
 import gzip
 import os
 import pickle
@@ -159,14 +160,19 @@ def test_an_attack_name_that_does_not_exist(trained_run, capsys):
 def test_a_checkpoint_of_another_architecture(trained_run, capsys):
     path = trained_run / "config.yaml"
     path.write_text(path.read_text().replace("arch: conv", "arch: conv3"))
-    _fails(["eval", str(trained_run), "--quiet"], capsys, 2, "member 0 does not match", "another architecture")
+    _fails(["eval", str(trained_run), "--quiet"], capsys, 2, "does not match the checkpoint", "model.arch = 'conv3'")
     assert not (trained_run / "eval").exists()
+    for record in (trained_run / "checkpoints").glob("*.json"):  # a run of an older phalanx: weights compared
+        meta = json.loads(record.read_text())
+        del meta["fingerprint"], meta["config"], meta["arch"]
+        record.write_text(json.dumps(meta))
+    _fails(["eval", str(trained_run), "--quiet"], capsys, 2, "member 0 does not match", "another architecture")
 
 
 def test_a_checkpoint_of_another_dataset(trained_run, capsys, tmp_path):
     path = trained_run / "config.yaml"
     path.write_text(path.read_text().replace("dataset: digits", "dataset: mnist"))
-    _fails(["eval", str(trained_run), "--quiet"], capsys, 2, "member 0 does not match", "another architecture or dataset")
+    _fails(["eval", str(trained_run), "--quiet"], capsys, 2, "does not match the checkpoint", "data.dataset = 'mnist'")
 
 
 # --- files that must not be trusted ------------------------------------------------------------------
@@ -261,3 +267,253 @@ def test_a_nan_loss_stops_with_epoch_and_step(tmp_path, capsys, monkeypatch):
            "loss became nan at epoch 2, step 1", "last good checkpoint is kept")
     assert latest_checkpoint(out / "checkpoints").meta["epoch"] == 1
     _no_partial_files(out)
+
+
+# --- nothing lost, nothing silently wrong (issue 13) ----------------------------------------------------
+
+def _snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_that_is_not_a_run_is_never_written_into(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "checkpoints" / "epoch_0001.safetensors").write_bytes(b"my own tensors")
+    (folder / ".draft.json.abcd1234.tmp").write_text("my draft")  # looks like phalanx's own temporary name
+    before = _snapshot(folder)
+    _fails(["train", "quickstart/baseline", "--out", str(folder), *TINY], capsys, 2,
+           str(folder), "not a phalanx run", "empty")
+    assert _snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == [
+        ".draft.json.abcd1234.tmp", "checkpoints", "notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "quickstart/baseline", "--out", str(empty), *TINY]) == 0  # an empty folder is fine
+
+
+def test_a_run_whose_config_is_missing_is_not_adopted(trained_run, capsys):
+    (trained_run / "config.yaml").unlink()
+    before = _snapshot(trained_run)
+    _fails(["train", "quickstart/baseline", "--out", str(trained_run), *TINY, "--set", "optim.lr=0.5"], capsys, 2,
+           str(trained_run), "not a phalanx run")
+    assert _snapshot(trained_run) == before
+
+
+def test_a_refused_resume_keeps_metrics(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "quickstart/baseline", "--out", str(run), *TINY, "--set", "train.epochs=2"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    for record in (run / "checkpoints").glob("epoch_*.json"):  # impossible values in every checkpoint
+        meta = json.loads(record.read_text())
+        meta["epoch"] = -5
+        record.write_text(json.dumps(meta))
+    before = (run / "metrics.jsonl").read_bytes()
+    _fails(argv, capsys, 2, "epoch", "every checkpoint", str(run / "checkpoints"))
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_damaged_newest_checkpoint_is_reported(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "quickstart/baseline", "--out", str(run), *TINY, "--set", "train.epochs=2"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    blob = run / "checkpoints" / "epoch_0002.safetensors"
+    blob.write_bytes(blob.read_bytes()[:-7])
+    with pytest.warns(UserWarning, match=r"epoch_0002\.json.*damaged.*epoch 1"):
+        assert main(["eval", str(run), "--quiet", "--attack", "fgsm", "--examples", "8"]) == 0
+    assert json.loads((run / "eval" / "whitebox.json").read_text())["epoch"] == 1
+    with pytest.warns(UserWarning, match=r"epoch_0002\.json.*damaged.*epoch 1"):
+        assert main(argv) == 0  # resume retrains epoch 2, saying so
+    for record in (run / "checkpoints").glob("epoch_*.safetensors"):
+        record.write_bytes(b"garbage")
+    _fails(argv, capsys, 2, "every checkpoint", "damaged")  # never a silent restart from zero
+
+
+@pytest.mark.parametrize("edit, key", [
+    (("train_subset: 128", "train_subset: 64"), "data.train_subset"),
+    (("dataset: digits", "dataset: mnist"), "data.dataset"),
+    (("arch: conv\n", "arch: conv3\n"), "model.arch"),
+], ids=["subset", "dataset", "arch"])
+def test_an_edited_config_is_refused_naming_the_key(trained_run, capsys, edit, key):
+    path = trained_run / "config.yaml"
+    path.write_text(path.read_text().replace(*edit))
+    _fails(["eval", str(trained_run), "--quiet"], capsys, 2, key, "config.yaml", "epoch_0001.json")
+    with pytest.raises(CheckpointError, match=key):
+        phalanx.load_run(trained_run)
+    assert not (trained_run / "eval").exists()
+
+
+def test_eval_settings_in_config_may_change(trained_run, capsys):
+    path = trained_run / "config.yaml"
+    path.write_text(path.read_text().replace("examples: 32", "examples: 16").replace("name: quickstart", "name: renamed"))
+    phalanx.load_run(trained_run)
+
+
+def test_a_run_from_before_fingerprints_still_loads(trained_run):
+    for record in (trained_run / "checkpoints").glob("epoch_*.json"):
+        meta = json.loads(record.read_text())
+        for key in ("fingerprint", "config", "classes", "input_shape"):
+            meta.pop(key, None)
+        record.write_text(json.dumps(meta))
+    assert len(phalanx.load_run(trained_run)) == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ("model.members=3", "model.members"),
+    ("model.arch=conv3", "model.arch"),
+    ("data.dataset=mnist", "data.dataset"),
+], ids=["members", "arch", "dataset"])
+def test_init_from_of_another_shape_is_refused_before_writing(trained_run, tmp_path, capsys, change, message):
+    child = tmp_path / "child"
+    _fails(["train", "quickstart/baseline", "--out", str(child), *TINY, "--set", change,
+            "--set", f"train.init_from={trained_run}"], capsys, 2, "train.init_from", message, str(trained_run))
+    assert not child.exists()
+
+
+def test_init_from_that_is_not_a_run_is_refused_before_writing(tmp_path, capsys):
+    child = tmp_path / "child"
+    _fails(["train", "quickstart/baseline", "--out", str(child), *TINY, "--set", f"train.init_from={tmp_path}/nope"],
+           capsys, 2, "train.init_from", "nope")
+    assert not child.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "optim.lr=.inf"], "optim.lr = inf is not allowed"),
+    (["--set", "optim.lr=.nan"], "optim.lr = nan is not allowed"),
+    (["--set", "optim.momentum=.nan"], "optim.momentum = nan is not allowed"),
+    (["--set", "train.method=dverge", "--set", "method.distill.eps=.inf"], "distill.eps = inf is not allowed"),
+    (["--set", "train.method=dverge", "--set", "method.distill.eps=5"], "distill.eps = 5"),
+    (["--set", "train.method=dverge", "--set", "method.distill.eps=0"], "distill.eps = 0"),
+    (["--set", "seed=100000000000000000000"], "seed = 100000000000000000000 is not allowed"),
+    (["--set", "seed=-1"], "seed = -1 is not allowed"),
+    (["--set", "name=../../escape"], "name = '../../escape' is not allowed"),
+    (["--set", "train.method=magic"], "train.method = 'magic'"),
+], ids=["inf-lr", "nan-lr", "nan-momentum", "inf-distill-eps", "distill-eps-5", "distill-eps-0", "huge-seed",
+        "negative-seed", "name-escapes", "unknown-method"])
+def test_values_not_allowed_are_refused_before_writing(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    line = _fails(["train", "quickstart/baseline", "--out", str(out), *TINY, *argv], capsys, 2, message)
+    assert "expected" in line
+    assert not out.exists()
+
+
+def test_a_refused_train_leaves_no_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    _fails(_mnist_argv(tmp_path / "empty", out), capsys, 2, "found none of")
+    assert not out.exists()
+    _fails(["train", "quickstart/baseline", "--out", str(out), *TINY, "--set", "train.batch_size=100000"], capsys, 2,
+           "larger than the training set")
+    assert not out.exists()
+
+
+def _binary_config(tmp_path):
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"\xff\xfe\x00\x81garbage\x00")
+    return path
+
+
+@pytest.mark.parametrize("case", [
+    "set-malformed-yaml", "set-no-value", "unknown-device-train", "unknown-device-eval", "invalid-config",
+    "binary-config", "run-config-invalid", "run-config-binary", "meta-missing-field", "meta-mistyped-field",
+    "malformed-safetensors", "transfer-set-truncated",
+])
+def test_no_traceback_reaches_the_user(trained_run, tmp_path, capsys, case):
+    """Each class of bad input of issue 13: one line `phalanx: error: ...` naming the value or file."""
+    train = ["train", "quickstart/baseline", "--out", str(tmp_path / "new"), *TINY]
+    ckpt = trained_run / "checkpoints" / "epoch_0001.json"
+    if case == "set-malformed-yaml":
+        _fails([*train, "--set", "train.epochs=[1"], capsys, 2, "--set", "train.epochs=[1")
+    elif case == "set-no-value":
+        _fails([*train, "--set", "train.epochs"], capsys, 2, "--set", "KEY.PATH=VALUE")
+    elif case == "unknown-device-train":
+        _fails([*train, "--set", "device=tpu"], capsys, 2, "device = 'tpu' is not allowed")
+    elif case == "unknown-device-eval":
+        _fails(["eval", str(trained_run), "--quiet", "--device", "tpu"], capsys, 2, "tpu", "auto, cpu, cuda or cuda:N")
+    elif case == "invalid-config":
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("train: {epochs: [1\n")
+        _fails(["train", str(bad), "--out", str(tmp_path / "new")], capsys, 2, str(bad), "not valid YAML")
+    elif case == "binary-config":
+        bad = _binary_config(tmp_path)
+        _fails(["train", str(bad), "--out", str(tmp_path / "new")], capsys, 2, str(bad))
+    elif case == "run-config-invalid":
+        (trained_run / "config.yaml").write_text("model: {arch: [\n")
+        _fails(["eval", str(trained_run), "--quiet"], capsys, 2, str(trained_run / "config.yaml"))
+    elif case == "run-config-binary":
+        (trained_run / "config.yaml").write_bytes(_binary_config(tmp_path).read_bytes())
+        _fails(["eval", str(trained_run), "--quiet"], capsys, 2, str(trained_run / "config.yaml"))
+    elif case in ("meta-missing-field", "meta-mistyped-field"):
+        meta = json.loads(ckpt.read_text())
+        if case == "meta-missing-field":
+            del meta["epoch"]
+        else:
+            meta["members"] = "two"
+        ckpt.write_text(json.dumps(meta))
+        _fails(["eval", str(trained_run), "--quiet"], capsys, 2, str(ckpt))
+    elif case == "malformed-safetensors":
+        import hashlib
+        blob = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}"
+        ckpt.with_suffix(".safetensors").write_bytes(blob)
+        meta = json.loads(ckpt.read_text())
+        meta.update(tensors_sha256=hashlib.sha256(blob).hexdigest(), tensors_bytes=len(blob))
+        ckpt.write_text(json.dumps(meta))
+        _fails(["eval", str(trained_run), "--quiet"], capsys, 2, str(ckpt))
+    elif case == "transfer-set-truncated":
+        argv = ["eval", str(trained_run), "--quiet", "--transfer-from", str(trained_run), "--attack", "fgsm",
+                "--examples", "8", "--transfer-dir", str(tmp_path / "sets")]
+        assert main(argv) == 0
+        capsys.readouterr()
+        (path,) = (tmp_path / "sets").glob("*.safetensors")
+        path.write_bytes(path.read_bytes()[:-100])
+        from phalanx.eval.transfer import evaluate_transfer
+        with pytest.raises(ValueError, match=f"{path}.*damaged"):
+            evaluate_transfer(trained_run, path)
+        with pytest.warns(UserWarning, match=f"{path}.*damaged.*recraft"):
+            assert main(argv) == 0  # a damaged cached set is recrafted, saying so
+        from phalanx.eval.transfer import load_transfer_set
+        load_transfer_set(path)
+
+
+def test_a_flipped_byte_in_a_transfer_set_is_refused(trained_run, tmp_path):
+    from phalanx.eval.transfer import craft_transfer_set, load_transfer_set
+    from phalanx.config import AttackConfig
+    path = craft_transfer_set([trained_run], [AttackConfig("fgsm", 0.1)], examples=8, seed=0, out_path=tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{path}.*damaged.*delete"):
+        load_transfer_set(path)
+
+
+def test_leftover_temporary_files_are_cleaned_but_not_live_ones_or_the_users(trained_run, capsys):
+    import fcntl
+    eval_dir = trained_run / "eval"
+    eval_dir.mkdir()
+    stale = eval_dir / ".whitebox.json.k3j4h5g6.tmp"  # a write killed before its rename
+    stale.write_text("{partial")
+    other = eval_dir / ".transfer.json.a1b2c3d4.tmp"
+    other.write_text("{partial")
+    live = eval_dir / ".analysis.json.z9y8x7w6.tmp"  # another process writing right now
+    live.write_text("{in progress")
+    users = [eval_dir / "mine.tmp", eval_dir / ".mine.tmp", eval_dir / "notes.json"]
+    for path in users:
+        path.write_text("mine")
+    old = os.path.getmtime(stale) - 60
+    for path in (stale, other, live):
+        os.utime(path, (old, old))
+    with open(live) as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        assert main(["eval", str(trained_run), "--quiet", "--attack", "fgsm", "--examples", "8"]) == 0
+    assert not stale.exists() and not other.exists()
+    assert live.exists() and all(p.read_text() == "mine" for p in users)
+
+
+def test_a_live_run_is_marked_and_eval_says_which_epoch(trained_run, capsys):
+    from phalanx.runs import locked
+    with locked(trained_run):
+        assert (trained_run / ".lock").read_text().strip() == str(os.getpid())
+        with pytest.warns(UserWarning, match=r"being trained.*process \d+.*epoch 1"):
+            assert main(["eval", str(trained_run), "--quiet", "--attack", "fgsm", "--examples", "8"]) == 0
+        with pytest.warns(UserWarning, match=r"being trained.*process \d+.*epoch 1"):
+            assert main(["report", str(trained_run)]) == 0

@@ -79,3 +79,82 @@ def test_checkpoint_files_are_json_and_safetensors_only(tmp_path):
     meta = json.loads(path.read_text())
     assert len(meta["tensors_sha256"]) == 64
     assert path.with_suffix(".safetensors").read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"epoch": "three"}, "field 'epoch' = 'three'"),
+    ({"epoch": -1}, "field 'epoch' = -1"),
+    ({"epoch": 7}, "its name says epoch 1"),
+    ({"members": [2]}, "field 'members'"),
+    ({"tensors_sha256": None}, "field 'tensors_sha256'"),
+], ids=["string-epoch", "negative-epoch", "epoch-not-its-name", "mistyped-members", "null-checksum"])
+def test_a_record_with_a_missing_or_mistyped_field_is_damaged(tmp_path, edit, message):
+    members, _ = _trained_pair()
+    path = save_checkpoint(tmp_path, 1, pack_members(members), {"members": 2})
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, **edit}))
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(path)
+    del record["batch"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="lacks the field 'batch'"):
+        read_checkpoint(path)
+
+
+def test_malformed_safetensors_with_a_matching_record_is_refused_by_name(tmp_path):
+    import hashlib
+    members, _ = _trained_pair()
+    path = save_checkpoint(tmp_path, 1, pack_members(members), {})
+    blob = b"\x08\x00\x00\x00\x00\x00\x00\x00not json"
+    path.with_suffix(".safetensors").write_bytes(blob)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+                                "tensors_bytes": len(blob)}))
+    with pytest.raises(CheckpointError, match="epoch_0001.json.*not valid safetensors"):
+        read_checkpoint(path)
+
+
+def test_a_damaged_newest_is_skipped_with_a_warning_and_all_damaged_is_refused(tmp_path):
+    from phalanx.checkpoint import CheckpointWarning
+    members, _ = _trained_pair()
+    for epoch in (1, 2):
+        save_checkpoint(tmp_path, epoch, pack_members(members), {})
+    (tmp_path / "epoch_0002.safetensors").write_bytes(b"torn")
+    with pytest.warns(CheckpointWarning, match=r"epoch_0002\.json.*skipped; epoch_0001\.json \(epoch 1\) is used"):
+        assert latest_checkpoint(tmp_path).meta["epoch"] == 1
+    (tmp_path / "epoch_0001.json").write_text("{")
+    with pytest.raises(CheckpointError, match="every checkpoint .* is damaged .*refusing to start again from zero"):
+        latest_checkpoint(tmp_path)
+
+
+def test_a_failed_commit_leaves_no_uncommitted_tensor_file(tmp_path, monkeypatch):
+    import phalanx.checkpoint as checkpoint
+    members, _ = _trained_pair()
+    save_checkpoint(tmp_path, 1, pack_members(members), {})
+
+    def full_disk(path, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_json_atomic", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(tmp_path, 2, pack_members(members), {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0001.json", "epoch_0001.safetensors"]
+
+
+def test_only_abandoned_temporary_files_of_phalanx_are_removed(tmp_path):
+    import fcntl
+    import os
+    from phalanx.files import remove_temp_files
+    old = 1_000_000_000
+    abandoned = tmp_path / ".epoch_0002.json.ab12cd34.tmp"
+    live = tmp_path / ".epoch_0003.json.zz99yy88.tmp"
+    fresh = tmp_path / ".epoch_0004.json.qq11ww22.tmp"
+    users = [tmp_path / "mine.tmp", tmp_path / ".mine.tmp", tmp_path / ".notes.backup.tmp"]
+    for path in (abandoned, live, fresh, *users):
+        path.write_text("x")
+    for path in (abandoned, live, *users):
+        os.utime(path, (old, old))
+    with open(live) as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        assert remove_temp_files(tmp_path) == [abandoned]
+    assert live.exists() and fresh.exists() and all(p.exists() for p in users)
+    assert sorted(remove_temp_files(tmp_path, grace_s=0)) == sorted([live, fresh])

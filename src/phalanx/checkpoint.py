@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -30,6 +32,16 @@ _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here; the message says why."""
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped for an older one."""
+
+
+# The JSON record's fields and their types; a checkpoint missing one, or with another type, is damaged.
+_REQUIRED = {"format_version": int, "epoch": int, "batch": int, "tensors_sha256": str, "tensors_bytes": int}
+_OPTIONAL = {"arch": str, "dataset": str, "method": str, "members": int, "fingerprint": str, "config": dict,
+             "optimizer": dict, "partial": dict, "classes": int, "input_shape": list}
 
 
 @dataclass
@@ -49,7 +61,11 @@ def save_checkpoint(directory: Path, epoch: int, tensors: Mapping[str, torch.Ten
     write_bytes_atomic(stem.with_suffix(".safetensors"), blob)
     record = dict(meta, format_version=FORMAT_VERSION, epoch=epoch, batch=batch,
                   tensors_sha256=hashlib.sha256(blob).hexdigest(), tensors_bytes=len(blob))
-    write_json_atomic(stem.with_suffix(".json"), record)  # the commit marker: written last
+    try:
+        write_json_atomic(stem.with_suffix(".json"), record)  # the commit marker: written last
+    except BaseException:
+        stem.with_suffix(".safetensors").unlink(missing_ok=True)  # never left uncommitted
+        raise
     for old in checkpoint_records(directory)[:-keep]:
         old.unlink(missing_ok=True)
         old.with_suffix(".safetensors").unlink(missing_ok=True)
@@ -66,7 +82,7 @@ def checkpoint_records(directory: Path) -> list[Path]:
 def discard_incomplete(directory: Path) -> list[Path]:
     """Delete what a write interrupted by a crash can leave: temporary files, and tensor files
     whose JSON record (the commit marker) was never written. Call only while holding the run's lock."""
-    removed = remove_temp_files(directory)
+    removed = remove_temp_files(directory, grace_s=0)
     removed += [p for p in directory.glob("epoch_*.safetensors") if not p.with_suffix(".json").exists()]
     for path in removed:
         path.unlink(missing_ok=True)
@@ -99,12 +115,34 @@ def read_checkpoint(json_path: Path) -> Checkpoint:
 
 def checkpoint_from_bytes(meta: dict[str, Any], blob: bytes, source: Path) -> Checkpoint:
     """Verify a JSON record against its tensor bytes and decode them (safetensors only)."""
-    if len(blob) != meta.get("tensors_bytes") or hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
+    check_record(meta, source)
+    if len(blob) != meta["tensors_bytes"] or hashlib.sha256(blob).hexdigest() != meta["tensors_sha256"]:
         raise CheckpointError(f"checkpoint tensors of {source} do not match their JSON record (damaged or partial)")
+    try:
+        tensors = load_safetensors(blob)
+    except SafetensorError as exc:
+        raise CheckpointError(f"checkpoint {source}: its tensor file is not valid safetensors ({exc})") from None
+    return Checkpoint(tensors, meta, source)
+
+
+def check_record(meta: dict[str, Any], source: Path) -> None:
+    """Refuse a JSON record with a missing or mistyped field, or an epoch/batch its name contradicts."""
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {source} has format {meta.get('format_version')}, "
+        raise CheckpointError(f"checkpoint {source} has format {meta.get('format_version')!r}, "
                               f"this phalanx reads {FORMAT_VERSION}")
-    return Checkpoint(load_safetensors(blob), meta, source)
+    for key, kind in (*_REQUIRED.items(), *_OPTIONAL.items()):
+        if key not in meta:
+            if key in _REQUIRED:
+                raise CheckpointError(f"checkpoint {source} lacks the field {key!r} (damaged or not a phalanx checkpoint)")
+            continue
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0):
+            allowed = "an integer >= 0" if kind is int else f"a JSON {kind.__name__}"
+            raise CheckpointError(f"checkpoint {source}: field {key!r} = {value!r} is not allowed; expected {allowed}")
+    name = _STEM.fullmatch(Path(source).stem) if Path(source).suffix == ".json" else None
+    if name is not None and (meta["epoch"], meta["batch"]) != (int(name[1]), int(name[2] or 0)):
+        raise CheckpointError(f"checkpoint {source} records epoch {meta['epoch']}, batch {meta['batch']}; "
+                              f"its name says epoch {int(name[1])}, batch {int(name[2] or 0)}")
 
 
 def _is_pickle(path: Path) -> bool:
@@ -117,13 +155,34 @@ def _is_pickle(path: Path) -> bool:
 
 
 def latest_checkpoint(directory: Path) -> Checkpoint | None:
-    """The newest valid checkpoint in `directory`, skipping damaged ones; None if there is none."""
-    for json_path in reversed(checkpoint_records(directory)):
+    """The newest valid checkpoint in `directory`; None if there is none.
+
+    A damaged newer one is skipped with a CheckpointWarning naming it and the epoch used instead;
+    when every checkpoint is damaged this refuses (CheckpointError) rather than return None, so
+    that no caller silently starts again from zero.
+    """
+    records = checkpoint_records(directory)
+    damaged: list[str] = []
+    for json_path in reversed(records):
         try:
-            return read_checkpoint(json_path)
-        except CheckpointError:
+            ckpt = read_checkpoint(json_path)
+        except CheckpointError as exc:
+            damaged.append(str(exc))
             continue
+        for reason in damaged:
+            warnings.warn(f"{reason}: this damaged checkpoint is skipped; {json_path.name} ({describe(ckpt)}) "
+                          "is used instead", CheckpointWarning, stacklevel=2)
+        return ckpt
+    if damaged:
+        raise CheckpointError(f"every checkpoint in {directory} is damaged ({len(damaged)}; the newest: {damaged[0]}); "
+                              "refusing to start again from zero: move the run directory away to retrain it")
     return None
+
+
+def describe(ckpt: Checkpoint) -> str:
+    """`epoch E` or `epoch E, batch B` of a checkpoint, for messages."""
+    batch = ckpt.meta.get("batch", 0)
+    return f"epoch {ckpt.meta['epoch']}" + (f", batch {batch} of the next" if batch else "")
 
 
 def pack_members(members: Sequence[torch.nn.Module]) -> dict[str, torch.Tensor]:

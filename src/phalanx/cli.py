@@ -52,7 +52,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     suites = None
     if args.suite:
         suites = [SuiteConfig(name, eps, norm=args.norm) for name in args.suite for eps in (args.eps or [DEFAULT_EPS])]
-        attacks = attacks or []
     doc = evaluate_run(args.run_dir, attacks=attacks, examples=args.examples, device=args.device,
                        progress=not args.quiet, large_eps=args.large_eps, suites=suites,
                        check_convergence=args.check_convergence)
@@ -294,11 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """A warning as the user reads it (damaged checkpoint skipped, run in use, ...): one line."""
+    return f"phalanx: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     warnings.simplefilter("default")
+    warnings.formatwarning = _one_line_warning
     try:
         if getattr(args, "tensorboard", False):
             require_tensorboard()  # before any training, for every command that takes the flag

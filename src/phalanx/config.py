@@ -8,7 +8,10 @@ default. Method-specific parameters live in `method`, validated by that method's
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -204,8 +207,25 @@ class RunConfig:
     reproduce_from: str | None = None  # preset whose run gives train.init_from in `phalanx reproduce`
 
     def __post_init__(self) -> None:
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
-               self.device, "auto, cpu, cuda or cuda:N")
+        _check(valid_run_name(self.name), "name", self.name, RUN_NAME_RULE)
+        _check(0 <= self.seed <= MAX_SEED, "seed", self.seed, f"an integer in [0, {MAX_SEED}]")
+        _check(valid_device(self.device), "device", self.device, DEVICE_RULE)
+
+
+# Seeds: torch takes 64-bit seeds and member i is seeded with seed * 1000 + i; 2**32 - 1 (numpy's
+# limit) leaves room for both and is more than any experiment needs.
+MAX_SEED = 2**32 - 1
+RUN_NAME_RULE = "a folder name: not empty, no '/' or '\\', not starting with '.'"
+DEVICE_RULE = "auto, cpu, cuda or cuda:N"
+
+
+def valid_run_name(name: str) -> bool:
+    """`name` becomes a folder (runs/NAME-TIMESTAMP): one path component that cannot escape."""
+    return bool(name) and "/" not in name and "\\" not in name and "\0" not in name and not name.startswith(".")
+
+
+def valid_device(name: str) -> bool:
+    return re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -219,7 +239,7 @@ def from_mapping(cls: type, data: Mapping[str, Any] | None, path: str = "") -> A
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
         where = f"in {path} " if path else ""
         raise ConfigError(f"unknown key {where}{unknown[0]!r}; allowed keys: {sorted(fields)}")
@@ -270,7 +290,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} = {value!r} is not allowed; expected a number")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):  # no setting takes an infinite or NaN value: one check for all
+            raise ConfigError(f"{path} = {value!r} is not allowed; expected a finite number")
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path} = {value!r} is not allowed; expected an integer")
@@ -309,7 +335,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({first})") from None
     return data
 
 
@@ -320,14 +350,59 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at top level")
+        data = read_yaml_mapping(path, "config file")
     return from_mapping(RunConfig, apply_overrides(data, overrides or []))
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The mapping in a YAML file; an unreadable, binary or invalid file is refused by name."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {str(path)!r} is not a text (UTF-8) file") from None
+    except yaml.YAMLError as exc:
+        first = " ".join(str(exc).split())
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {first}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {str(path)!r} must hold a mapping at top level")
+    return data
 
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_mapping(cfg), sort_keys=False)
+
+
+# Keys that do not change the trained weights, left out of a run's fingerprint: the run's label,
+# where it runs, where its data lives and how it is evaluated or checkpointed. Every other key
+# (data, model, optim, train, method, seed) determines the weights.
+FINGERPRINT_EXCLUDED = ("name", "device", "eval", "paper", "reproduce_from", "data.root", "data.download",
+                        "train.keep_checkpoints", "train.checkpoint_every_steps")
+
+
+def identity(cfg: RunConfig) -> dict[str, Any]:
+    """The flattened `key.path: value` items of `cfg` that determine a run's weights."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if prefix in FINGERPRINT_EXCLUDED:
+            return
+        if isinstance(node, Mapping) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            flat[prefix] = node
+
+    walk(to_mapping(cfg), "")
+    return flat
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    """SHA-256 of `identity(cfg)` as canonical JSON: equal for two configs that train the same weights."""
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def identity_differences(a: RunConfig, b: RunConfig) -> list[str]:
+    """`key: a_value vs b_value` for every identity key on which `a` and `b` differ."""
+    ia, ib = identity(a), identity(b)
+    return [f"{k} = {ia.get(k, '(absent)')!r} vs {ib.get(k, '(absent)')!r}"
+            for k in sorted(set(ia) | set(ib)) if ia.get(k, "(absent)") != ib.get(k, "(absent)")]

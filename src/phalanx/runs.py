@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,14 +18,25 @@ from typing import Any
 import torch
 import yaml
 
-from phalanx.checkpoint import CheckpointError, latest_checkpoint, refuse_foreign_file, unpack_members
-from phalanx.config import ConfigError, RunConfig, dump_config, from_mapping
-from phalanx.files import write_text_atomic
+from phalanx.checkpoint import (
+    Checkpoint, CheckpointError, describe, latest_checkpoint, refuse_foreign_file, unpack_members,
+)
+from phalanx.config import (
+    ConfigError, RunConfig, dump_config, fingerprint, from_mapping, identity_differences, read_yaml_mapping,
+)
+from phalanx.files import remove_temp_files, write_json_atomic, write_text_atomic
 from phalanx.models import Classifier, InputSpec, Mixture, build_model
 
 
 class RunDirError(ValueError):
     """A run directory that cannot be used as asked; the message says why."""
+
+
+class RunInUseWarning(UserWarning):
+    """A run is read while another process trains it."""
+
+
+LOCK_FILE = ".lock"  # holds the pid of the process training the run, locked (flock) while it does
 
 
 def config_path(run_dir: Path) -> Path:
@@ -47,20 +59,43 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
     path = config_path(run_dir)
     if not path.is_file():
         raise RunDirError(f"{run_dir} is not a phalanx run directory (no config.yaml)")
-    return from_mapping(RunConfig, yaml.safe_load(path.read_text()))
+    data = read_yaml_mapping(path, "run config")
+    try:
+        return from_mapping(RunConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"run config {str(path)!r}: {exc}") from None
+
+
+def check_run_dir(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether `run_dir` may hold a run of `cfg`, without writing anything; True when it already does.
+
+    Allowed: a folder that does not exist, an empty one (or one holding only phalanx's lock file),
+    or a phalanx run of the same configuration. Refused: a file, a run of another configuration,
+    and any other folder, so that phalanx never writes into (or cleans up) a folder of the user's.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is a file; --out must be a new or empty folder, or a phalanx run directory")
+    path = config_path(run_dir)
+    if path.is_file():
+        if path.read_bytes() != dump_config(cfg).encode() and not _same_config(path, cfg):
+            raise RunDirError(f"{run_dir} holds a run with another configuration; choose a new --out "
+                              f"or delete it (compare {path} with the new settings)")
+        return True
+    if run_dir.is_dir():
+        found = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+        if found:
+            shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+            raise RunDirError(f"{run_dir} is not a phalanx run (no config.yaml) and not empty (it holds {shown}); "
+                              "--out must be a new or empty folder, or a phalanx run directory")
+    return False
 
 
 def prepare_run_dir(run_dir: Path, cfg: RunConfig) -> bool:
     """Create `run_dir` for `cfg`, or accept it for resuming; True when it already holds this run."""
-    path = config_path(run_dir)
-    text = dump_config(cfg)
-    if path.is_file():
-        if path.read_text() != text and not _same_config(path, cfg):
-            raise RunDirError(f"{run_dir} holds a run with another configuration; choose a new --out "
-                              f"or delete it (compare {path} with the new settings)")
+    if check_run_dir(run_dir, cfg):
         return True
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text)
+    write_text_atomic(config_path(run_dir), dump_config(cfg))
     return False
 
 
@@ -68,23 +103,90 @@ def _same_config(path: Path, cfg: RunConfig) -> bool:
     """Whether a saved config means `cfg` (it may predate a new key whose default it then takes)."""
     try:
         return from_mapping(RunConfig, yaml.safe_load(path.read_text())) == cfg
-    except (ConfigError, yaml.YAMLError):
+    except (ConfigError, yaml.YAMLError, UnicodeDecodeError):
         return False
 
 
 @contextmanager
 def locked(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `run_dir` so two processes never write the same run."""
+    """Hold an exclusive lock on `run_dir` so two processes never write the same run; the lock file
+    holds this process's id meanwhile (`run_in_use` reads it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    fd = os.open(run_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunDirError(f"{run_dir} is in use by another phalanx process; wait for it or use another --out") from None
-        yield
+            raise RunDirError(f"{run_dir} is in use by another phalanx process{_pid_text(run_dir)}; "
+                              "wait for it or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
     finally:
         os.close(fd)
+
+
+def run_in_use(run_dir: str | Path) -> int | None:
+    """The id of the process training `run_dir` now (0 when it holds the lock but wrote no id), or None."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        return None
+    finally:
+        os.close(fd)
+
+
+def _pid_text(run_dir: Path) -> str:
+    pid = run_in_use(run_dir)
+    return f" (process {pid})" if pid else ""
+
+
+def warn_if_in_use(run_dir: Path, reading: str) -> None:
+    """Warn that `run_dir` is being trained now, saying what of it is read (e.g. "epoch 3")."""
+    pid = run_in_use(run_dir)
+    if pid is not None:
+        warnings.warn(f"{run_dir} is being trained now{f' (process {pid})' if pid else ''}; reading {reading}, "
+                      "later epochs are not included", RunInUseWarning, stacklevel=3)
+
+
+def check_identity(run_dir: Path, cfg: RunConfig, ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint that was not trained with `cfg` (run_dir's config.yaml), naming the keys.
+
+    New checkpoints carry `fingerprint` (config.fingerprint) and the resolved `config`; those of
+    older phalanx versions carry `config` only (compared the same way), or neither (then only their
+    arch, members and dataset, when present, are compared, and the weights' shapes when loaded).
+    """
+    meta = ckpt.meta
+    if meta.get("fingerprint") == fingerprint(cfg):
+        return
+    stored = None
+    if isinstance(meta.get("config"), dict):
+        try:
+            stored = from_mapping(RunConfig, meta["config"])
+        except ConfigError:
+            stored = None
+    if stored is not None:
+        diffs = identity_differences(cfg, stored)
+    else:
+        pairs = (("model.arch", cfg.model.arch, meta.get("arch")), ("model.members", cfg.model.members,
+                 meta.get("members")), ("data.dataset", cfg.data.dataset, meta.get("dataset")))
+        diffs = [f"{k} = {a!r} vs {b!r}" for k, a, b in pairs if b is not None and a != b]
+        if not diffs and "fingerprint" in meta:
+            diffs = ["(its stored configuration is unreadable)"]
+    if diffs:
+        raise CheckpointError(f"{config_path(run_dir)} does not match the checkpoint {ckpt.path} it should have "
+                              f"trained ({'; '.join(diffs)}: config.yaml, then the checkpoint); was config.yaml "
+                              "edited, or do the checkpoints come from another run?")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -113,6 +215,8 @@ def load_members(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
     ckpt = latest_checkpoint(checkpoint_dir(run_dir))
     if ckpt is None:
         raise CheckpointError(f"{run_dir} has no complete checkpoint yet")
+    check_identity(run_dir, cfg, ckpt)
+    warn_if_in_use(run_dir, f"its checkpoint at {describe(ckpt)} ({ckpt.path.name})")
     members = build_members(cfg, dataset_info(cfg.data.dataset).spec)
     unpack_members(ckpt.tensors, members)
     return [m.to(device) for m in members], cfg, ckpt.meta
@@ -122,3 +226,13 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Mixture
     """The trained Mixture of a run directory, in eval mode, ready for evaluation. Never unpickles."""
     members, _, _ = load_members(run_dir, device)
     return Mixture(members).eval()
+
+
+def write_eval_json(run_dir: str | Path, name: str, doc: Any) -> Path:
+    """Write `eval/NAME` of a run atomically, first removing what killed writes left in `eval/`."""
+    folder = Path(run_dir) / "eval"
+    if folder.is_dir():
+        remove_temp_files(folder)
+    path = folder / name
+    write_json_atomic(path, doc)
+    return path

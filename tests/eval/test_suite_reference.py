@@ -47,7 +47,7 @@ def test_standard_suite_agrees_with_the_reference_within_one_point(fixture, norm
         theirs = reference_robust_accuracy(reference_autoattack, model, x, y, norm, eps)
         acc = float(ours.float().mean())
         assert abs(acc - theirs) <= 0.01, f"{fixture} {name} {norm} {eps:g}: ours {acc:.3f}, reference {theirs:.3f}"
-        if name == "mixture":
+        if name == "mixture" and fixture == "digits_ensemble":  # the ensemble suite once, where it is cheap
             ensemble = robust_after(run_suite(model, x, y, "ensemble", eps=eps, norm=norm, clean_correct=clean,
                                               batch_size=len(y)), clean)
             worst = float((ours & ensemble).float().mean())

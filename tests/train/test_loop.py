@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import phalanx
-from phalanx.checkpoint import latest_checkpoint
+from phalanx.checkpoint import CheckpointError, latest_checkpoint
 from phalanx.config import ConfigError, load_config
 from phalanx.models import Mixture
 from phalanx.runs import RunDirError, locked, read_metrics
@@ -154,3 +154,47 @@ def test_the_methods_per_batch_extras_are_logged_as_epoch_means(tmp_path):
         assert -1.0 <= record["train_coherence"] <= 1.0  # GAL paper eq. 7, a cosine
         # two members, one pair: GAL (log-sum-exp over pairs) and coherence (max) are that pair's cosine
         assert math.isclose(record["train_gal"], record["train_coherence"], rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_checkpoints_of_another_run_are_refused_naming_the_keys(tmp_path):
+    import shutil
+    run = train(_cfg("train.epochs=1"), tmp_path / "run", progress=False)
+    other = train(_cfg("train.epochs=1", "optim.lr=0.01"), tmp_path / "other", progress=False)
+    shutil.rmtree(run / "checkpoints")
+    shutil.copytree(other / "checkpoints", run / "checkpoints")
+    with pytest.raises(CheckpointError, match="optim.lr = 0.003 vs 0.01"):
+        phalanx.load_run(run)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("epochs: 1", "epochs: 2"))
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match="optim.lr"):
+        train(_cfg("train.epochs=2"), run, progress=False)
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_log_past_the_checkpoints_is_kept_and_the_resume_refused(tmp_path):
+    run = train(_cfg("train.epochs=2"), tmp_path / "run", progress=False)
+    for path in (run / "checkpoints").iterdir():
+        path.unlink()
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match="records epoch 2 but the newest checkpoint .* is at epoch 0"):
+        train(_cfg("train.epochs=2"), run, progress=False)
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_checkpoint_records_the_runs_identity(tmp_path):
+    from phalanx.config import fingerprint
+    cfg = _cfg("train.epochs=1")
+    meta = latest_checkpoint(train(cfg, tmp_path / "run", progress=False) / "checkpoints").meta
+    assert meta["fingerprint"] == fingerprint(cfg) and meta["arch"] == "conv" and meta["members"] == 2
+    assert meta["dataset"] == "digits" and meta["classes"] == 10 and meta["input_shape"] == [1, 16, 16]
+    assert fingerprint(_cfg("train.epochs=1", "name=x", "eval.examples=5", "train.keep_checkpoints=4")) == meta["fingerprint"]
+    assert fingerprint(_cfg("train.epochs=1", "seed=1")) != meta["fingerprint"]
+
+
+def test_a_lock_holds_the_process_id(tmp_path):
+    import os
+    from phalanx.runs import run_in_use
+    assert run_in_use(tmp_path / "run") is None
+    with locked(tmp_path / "run"):
+        assert run_in_use(tmp_path / "run") == os.getpid()
+    assert run_in_use(tmp_path / "run") is None

@@ -100,7 +100,7 @@ def test_mid_epoch_resume_with_crash_leftovers_is_exact(tmp_path, monkeypatch):
 
     # What a kill during the next write can leave: a temporary file, and a tensor file whose JSON
     # (the commit marker) was never written; plus a metrics line torn half-way.
-    (ckpts / ".epoch_0001_000027.safetensors.x1y2.tmp").write_bytes(b"\x00" * 100)
+    (ckpts / ".epoch_0001_000027.safetensors.x1y2z3w4.tmp").write_bytes(b"\x00" * 100)
     (ckpts / "epoch_0001_000027.safetensors").write_bytes(b"partial tensors")
     with open(run / "metrics.jsonl", "a") as handle:
         handle.write('{"epoch": 2, "lr": 0.0')

@@ -98,7 +98,8 @@ def _draw_device(generator: torch.Generator | None, like: torch.Tensor) -> torch
     return generator.device if generator is not None else like.device
 
 
-def _random_signs(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _random_signs(shape: tuple[int, ...], like: torch.Tensor,
+                  generator: torch.Generator | None) -> torch.Tensor:
     """Independent +1 / -1 entries of `shape`, like `like`'s dtype and device."""
     bits = torch.randint(0, 2, shape, generator=generator, device=_draw_device(generator, like))
     return (2 * bits - 1).to(device=like.device, dtype=like.dtype)
@@ -107,7 +108,8 @@ def _random_signs(shape: tuple[int, ...], like: torch.Tensor, generator: torch.G
 def _random_offset(span: int, like: torch.Tensor, generator: torch.Generator | None) -> int:
     """A window offset in {0, ..., span - 1} (0 when span is 0): as square.py's random_int, which
     draws floor(U * span) and so never places a window flush with the bottom or right edge."""
-    return int(torch.randint(0, max(span, 1), (1,), generator=generator, device=_draw_device(generator, like)))
+    device = _draw_device(generator, like)
+    return int(torch.randint(0, max(span, 1), (1,), generator=generator, device=device))
 
 
 def _random_window(height: int, width: int, side: int, like: torch.Tensor,
@@ -236,7 +238,8 @@ def _random_search(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
             out[live[hit]] = best[hit]
             fooled[live[hit]] = True
             stay = ~hit
-            live, x_live, best, y_live, margin = live[stay], x_live[stay], best[stay], y_live[stay], margin[stay]
+            live, x_live, y_live = live[stay], x_live[stay], y_live[stay]
+            best, margin = best[stay], margin[stay]
     out[live] = best
     return out, fooled
 
@@ -270,7 +273,8 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, no
         raise ValueError(f"p_init must be a number in (0, 1], got {p_init!r}")
     check_inputs(x, y)
     if x.dim() != 4:
-        raise ValueError(f"square needs images x of shape (batch, channels, height, width), got {tuple(x.shape)}")
+        raise ValueError(f"square needs images x of shape (batch, channels, height, width), "
+                         f"got {tuple(x.shape)}")
     x = x.detach()
     if x.shape[0] == 0 or eps == 0:
         return x.clone()

@@ -12,8 +12,7 @@ from phalanx.config import AttackConfig, RunConfig, SuiteConfig
 from phalanx.data import dataset_info, load_dataset
 from phalanx.eval.sanity import apply_sanity_checks
 from phalanx.eval.whitebox import evaluate_whitebox
-from phalanx.files import write_json_atomic
-from phalanx.runs import load_members
+from phalanx.runs import load_members, write_eval_json
 from phalanx.models import Mixture
 from phalanx.train.loop import resolve_device
 
@@ -45,6 +44,8 @@ def evaluate_run(run_dir: str | Path, *, attacks: Sequence[AttackConfig] | None 
     """
     run_dir = Path(run_dir)
     started = time.perf_counter()
+    if device is not None:
+        resolve_device(device)  # a bad --device is refused before anything is read
     members, cfg, meta = load_members(run_dir, "cpu")
     dev = resolve_device(device or cfg.device)
     mixture = Mixture([m.to(dev) for m in members]).eval()
@@ -69,7 +70,7 @@ def evaluate_run(run_dir: str | Path, *, attacks: Sequence[AttackConfig] | None 
         "epoch": meta["epoch"], "device": str(dev), "wall_time_s": time.perf_counter() - started,
         "results": records, "sanity": apply_sanity_checks(records),
     }
-    write_json_atomic(run_dir / "eval" / "whitebox.json", doc)
+    write_eval_json(run_dir, "whitebox.json", doc)
     return doc
 
 

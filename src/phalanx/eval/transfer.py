@@ -9,7 +9,8 @@ A transfer set is `transfer-<hash>.safetensors` (float32 images: eps steps such 
 multiples of 1/255, and float16's spacing near 1 (~5e-4) would push perturbations past eps) plus
 a JSON sidecar with the exact command, the surrogate runs, the attacks, seed, example indices and
 dataset. The hash covers every parameter that changes the examples, so asking again for the same
-set reuses the file without attacking.
+set reuses the file without attacking. The sidecar also records the tensor file's size and SHA-256:
+a damaged set is refused by name when loaded, and crafted again (with a warning) when asked for.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
@@ -36,7 +39,7 @@ from phalanx.eval.stats import add_ci95
 from phalanx.eval.whitebox import attack_spec, correct_mask, max_perturbation, named_models, strongest_records
 from phalanx.files import write_bytes_atomic, write_json_atomic
 from phalanx.models import Mixture
-from phalanx.runs import load_members
+from phalanx.runs import load_members, write_eval_json
 from phalanx.train.loop import resolve_device
 
 FORMAT = "phalanx-transfer-set/1"
@@ -166,7 +169,11 @@ def craft_transfer_set(surrogate_run_dirs: Sequence[str | Path], attacks: Sequen
     path = out_dir / f"transfer-{digest}.safetensors"
     sidecar = path.with_suffix(".json")
     if path.is_file() and sidecar.is_file():
-        return path
+        try:
+            _read_verified(path)
+            return path
+        except TransferSetDamaged as exc:
+            warnings.warn(f"{exc}; recrafting it", UserWarning, stacklevel=2)
     started = time.perf_counter()
     members: list[nn.Module] = []
     cfg = None
@@ -194,25 +201,57 @@ def craft_transfer_set(surrogate_run_dirs: Sequence[str | Path], attacks: Sequen
             model = mixture if surrogate_loss == "mixture" else AverageLossSurrogate(members, yb, loss)
             out[i:i + batch_size] = run_attack(spec, model, xb, yb, gen)
         tensors[f"adv.{k}"] = out.cpu().contiguous()
-    write_bytes_atomic(path, save_safetensors(tensors))
-    write_json_atomic(sidecar, {
-        **params, "hash": digest, "command": command, "surrogate_runs": [str(d) for d in surrogate_run_dirs],
+    blob = save_safetensors(tensors)
+    write_bytes_atomic(path, blob)
+    write_json_atomic(sidecar, {  # written last: the commit marker, with the checksum of the tensors
+        **params, "hash": digest, "tensors_sha256": hashlib.sha256(blob).hexdigest(), "tensors_bytes": len(blob), "command": command, "surrogate_runs": [str(d) for d in surrogate_run_dirs],
         "surrogate_members": len(members), "indices": idx.tolist(), "n": len(idx),
         "tensors": {f"adv.{k}": _describe(s) for k, s in enumerate(specs)},
         "batch_size": batch_size, "device": str(dev), "wall_time_s": time.perf_counter() - started})
     return path
 
 
+class TransferSetDamaged(ValueError):
+    """A transfer set whose tensors or sidecar are unreadable or do not match."""
+
+
 def load_transfer_set(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the sidecar of a transfer set."""
+    """The tensors and the sidecar of a transfer set, verified against the sidecar's checksum
+    (sets written before checksums are read unverified); a damaged set is refused by name."""
     path = Path(path)
     sidecar = path.with_suffix(".json")
     if not path.is_file() or not sidecar.is_file():
         raise FileNotFoundError(f"{path} is not a complete transfer set (need it and {sidecar.name})")
-    meta = json.loads(sidecar.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{sidecar} is not a {FORMAT} sidecar (format {meta.get('format')!r})")
-    return load_safetensors(path.read_bytes()), meta
+    try:
+        return _read_verified(path)
+    except TransferSetDamaged as exc:
+        raise TransferSetDamaged(f"{exc}; delete it and {sidecar.name}, and the same `phalanx eval --transfer-from` "
+                                 "command crafts it again") from None
+
+
+def _read_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sidecar = path.with_suffix(".json")
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TransferSetDamaged(f"transfer set {path} is damaged: its sidecar {sidecar.name} is not JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise TransferSetDamaged(f"transfer set {path} is damaged: {sidecar.name} is not a {FORMAT} sidecar "
+                                 f"(format {found!r})")
+    blob = path.read_bytes()
+    if "tensors_sha256" in meta and (len(blob) != meta.get("tensors_bytes")
+                                     or hashlib.sha256(blob).hexdigest() != meta["tensors_sha256"]):
+        raise TransferSetDamaged(f"transfer set {path} is damaged: {len(blob)} bytes whose SHA-256 differs from "
+                                 f"{sidecar.name}'s record ({meta.get('tensors_bytes')} bytes)")
+    try:
+        tensors = load_safetensors(blob)
+    except SafetensorError as exc:
+        raise TransferSetDamaged(f"transfer set {path} is damaged: not valid safetensors ({exc})") from None
+    missing = sorted({"x", "y", "indices", *meta.get("tensors", {})} - set(tensors))
+    if missing:
+        raise TransferSetDamaged(f"transfer set {path} is damaged: it lacks the tensors {missing}")
+    return tensors, meta
 
 
 def surrogate_names(meta: Mapping[str, Any]) -> str:
@@ -279,7 +318,7 @@ def evaluate_transfer(target_run_dir: str | Path, transfer_set_path: str | Path,
            "transfer_set": str(transfer_set_path), "transfer_set_hash": meta["hash"],
            "surrogate_runs": meta["surrogate_runs"], "command": meta["command"],
            "wall_time_s": time.perf_counter() - started, "results": records, "sanity": sanity}
-    write_json_atomic(run_dir / "eval" / "transfer.json", doc)
+    write_eval_json(run_dir, "transfer.json", doc)
     return doc
 
 

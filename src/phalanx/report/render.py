@@ -71,6 +71,10 @@ def read_run_data(run_dir: str | Path) -> RunData:
     metrics = _read_metrics(path / "metrics.jsonl", missing)
     evals = _read_evals(path / "eval", missing)
     analysis = _read_analysis(path / "analysis" / "gradients.json", missing)
+    from phalanx.runs import warn_if_in_use
+
+    last = max((int(m["epoch"]) for m in metrics), default=0)
+    warn_if_in_use(path, f"its metrics through epoch {last} and the evaluations in eval/ as they are")
     name = str(config.get("name") or path.name)
     return RunData(path, name, config, metrics, evals, missing, analysis)
 

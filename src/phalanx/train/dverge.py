@@ -72,6 +72,10 @@ class DvergeConfig:
     stack_members: Literal["auto", "always", "never"] = "auto"
 
     def __post_init__(self) -> None:
+        eps = self.distill.eps
+        if not 0 < eps <= 1:  # a pixel-space Linf budget; 0 would distill nothing
+            raise ValueError(f"distill.eps = {eps!r} is not allowed; expected a number in (0, 1] (an Linf budget "
+                             "in pixels, e.g. 0.07 or 8/255)")
         if self.fixed_layer is not None and self.layers and self.fixed_layer not in self.layers:
             raise ValueError(f"fixed_layer {self.fixed_layer!r} is not among layers {list(self.layers)}")
         if not self.adv_eps >= 0:

@@ -17,15 +17,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from phalanx.checkpoint import (
-    Checkpoint, checkpoint_from_bytes, discard_incomplete, latest_checkpoint, pack_members, pack_optimizer,
-    save_checkpoint, unpack_members, unpack_optimizer,
+    Checkpoint, CheckpointError, checkpoint_from_bytes, discard_incomplete, latest_checkpoint, pack_members,
+    pack_optimizer, save_checkpoint, unpack_members, unpack_optimizer,
 )
-from phalanx.config import ConfigError, OptimConfig, RunConfig, to_mapping
+from phalanx.config import DEVICE_RULE, ConfigError, OptimConfig, RunConfig, fingerprint, to_mapping, valid_device
 from phalanx.data import Augment, DeviceBatches, dataset_info, load_dataset, train_val_split
 from phalanx.files import append_jsonl, remove_temp_files, write_text_atomic
 from phalanx.tensorboard import TensorboardLog
 from phalanx.models import Classifier, mixture_log_probs
-from phalanx.runs import build_members, checkpoint_dir, load_members, locked, metrics_path, prepare_run_dir
+from phalanx.runs import (
+    RunDirError, build_members, check_identity, check_run_dir, checkpoint_dir, load_members, locked, metrics_path,
+    prepare_run_dir, read_run_config,
+)
 from phalanx.train.api import Batch
 from phalanx.train.distributed import DistContext, process_group
 from phalanx.train.registry import build_method
@@ -36,6 +39,8 @@ class TrainingDiverged(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    if not valid_device(name):
+        raise ConfigError(f"device = {name!r} is not allowed; expected {DEVICE_RULE}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -129,7 +134,20 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, tensorb
     """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
+    # Every check runs before the first byte is written: a refused command leaves nothing behind.
+    check_run_dir(run_dir, cfg)
+    method = build_method(cfg.train.method, cfg.method)
+    if cfg.train.init_from:
+        _check_init_from(cfg)
+    data = load_training_data(cfg)
+    if cfg.train.batch_size > len(data.train_y):
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the training set "
+                          f"({len(data.train_y)} examples); use at most {len(data.train_y)}")
+    members = _initial_members(cfg)
     with process_group(device) as ctx:
+        if ctx is not None and cfg.train.batch_size < ctx.world_size:
+            raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is the global batch, split across "
+                              f"{ctx.world_size} processes; use at least {ctx.world_size}")
         with ExitStack() as stack:
             if ctx is None:
                 stack.enter_context(locked(run_dir))
@@ -140,12 +158,49 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, tensorb
             if tensorboard and (ctx is None or ctx.is_main):
                 board = TensorboardLog(run_dir / TENSORBOARD_DIR)
                 stack.callback(board.close)
+            start = _Start(data, method, members)
             if ctx is None:
-                return _train_locked(cfg, run_dir, progress, device, None, board)
-            return _train_locked(cfg, run_dir, progress and ctx.is_main, ctx.device, ctx, board)
+                return _train_locked(cfg, run_dir, progress, device, None, start, board)
+            return _train_locked(cfg, run_dir, progress and ctx.is_main, ctx.device, ctx, start, board)
 
 
 TENSORBOARD_DIR = "tensorboard"
+
+
+@dataclass
+class _Start:
+    """What `train` validated before writing anything: the data, the method, the initial members."""
+
+    data: SplitData
+    method: Any
+    members: list[Classifier]
+
+
+def _check_init_from(cfg: RunConfig) -> None:
+    """Refuse a `train.init_from` run that cannot start this one: not a run, or another architecture,
+    member count or dataset (hence classes and input shape)."""
+    source = cfg.train.init_from
+    try:
+        other = read_run_config(source)
+    except (RunDirError, ConfigError, CheckpointError) as exc:
+        raise ConfigError(f"train.init_from = {source!r} is not allowed: {exc}") from None
+    diffs = [f"{key} = {mine!r} here, {theirs!r} there" for key, mine, theirs in (
+        ("model.arch", cfg.model.arch, other.model.arch), ("model.members", cfg.model.members, other.model.members),
+        ("data.dataset", cfg.data.dataset, other.data.dataset)) if mine != theirs]
+    if diffs:
+        raise ConfigError(f"train.init_from = {source!r} is not allowed: that run does not fit this one "
+                          f"({'; '.join(diffs)}); expected a run of the same architecture, member count and dataset")
+
+
+def _initial_members(cfg: RunConfig) -> list[Classifier]:
+    """Freshly seeded members, or those of `train.init_from` (checked by `_check_init_from`)."""
+    if not cfg.train.init_from:
+        return build_members(cfg, dataset_info(cfg.data.dataset).spec)
+    try:
+        members, _, _ = load_members(cfg.train.init_from, "cpu")
+    except (RunDirError, ConfigError, CheckpointError) as exc:
+        raise ConfigError(f"train.init_from = {cfg.train.init_from!r} is not allowed: {exc}") from None
+    return members
 
 
 def _prepare(run_dir: Path, cfg: RunConfig) -> None:
@@ -168,20 +223,10 @@ class _EpochProgress:
 
 
 def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.device,
-                  ctx: DistContext | None, board: TensorboardLog | None = None) -> Path:
+                  ctx: DistContext | None, start: _Start, board: TensorboardLog | None = None) -> Path:
     info = dataset_info(cfg.data.dataset)
-    data = load_training_data(cfg)
-    if cfg.train.batch_size > len(data.train_y):
-        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the training set "
-                         f"({len(data.train_y)} examples); use at most {len(data.train_y)}")
-    if ctx is not None and cfg.train.batch_size < ctx.world_size:
-        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is the global batch, split across "
-                          f"{ctx.world_size} processes; use at least {ctx.world_size}")
-    method = build_method(cfg.train.method, cfg.method)
-    members = build_members(cfg, info.spec)
-    if cfg.train.init_from:
-        members, _, _ = load_members(cfg.train.init_from, "cpu")
-    members = [m.to(device) for m in members]
+    data, method = start.data, start.method
+    members = [m.to(device) for m in start.members]
     extra = _method_parameters(method, members, cfg.seed, device)
     params = [p for m in members for p in m.parameters()] + extra
     optimizer = make_optimizer(members, cfg.optim, extra)
@@ -195,6 +240,10 @@ def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.d
     start_epoch, resume = 0, None
     ckpt = _resume_checkpoint(run_dir, ctx)
     if ckpt is not None:
+        check_identity(run_dir, cfg, ckpt)
+        if "optimizer" not in ckpt.meta or "rng.method" not in ckpt.tensors:
+            raise CheckpointError(f"checkpoint {ckpt.path} lacks the optimizer or generator state a resume needs "
+                                  "(damaged, or not written by phalanx train)")
         unpack_members(ckpt.tensors, members)
         if hasattr(method, "load_state_dict"):  # before the optimizer: its state covers these parameters
             method.load_state_dict({k[len(_METHOD):]: v for k, v in ckpt.tensors.items() if k.startswith(_METHOD)})
@@ -364,13 +413,15 @@ def _save(run_dir: Path, cfg: RunConfig, epoch: int, members: Sequence[Classifie
 
     A method with a `state_dict()` (its own trained tensors) has them saved under `method.`.
     """
+    spec = dataset_info(cfg.data.dataset).spec
     optim_tensors, optim_plain = pack_optimizer(optimizer)
     tensors = {**pack_members(members), **optim_tensors, "rng.method": rng.get_state()}
     if hasattr(method, "state_dict"):
         tensors.update({f"{_METHOD}{k}": v for k, v in method.state_dict().items()})
     meta: dict[str, Any] = {
         "arch": cfg.model.arch, "dataset": dataset, "method": cfg.train.method, "members": len(members),
-        "optimizer": optim_plain,
+        "classes": spec.num_classes, "input_shape": [spec.channels, spec.size, spec.size],
+        "fingerprint": fingerprint(cfg), "optimizer": optim_plain,
         "config": to_mapping(cfg),
     }
     batch = 0
@@ -385,18 +436,36 @@ def _save(run_dir: Path, cfg: RunConfig, epoch: int, members: Sequence[Classifie
 
 def _keep_metrics_through(path: Path, epoch: int) -> None:
     """Drop metric lines past the checkpoint we resume from (written before a crash), and a line
-    torn by a kill during its write, so that each epoch is logged once."""
+    torn by a kill during its write, so that each epoch is logged once.
+
+    A kill can leave at most one epoch logged past the newest checkpoint (its line is written just
+    before its checkpoint); more means checkpoints were lost, and the log is kept as it is: refused.
+    """
     if not path.is_file():
         return
-    lines = []
-    for ln in path.read_text().splitlines():
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines, logged = [], 0
+    for ln in text.splitlines():
         try:
             record = json.loads(ln)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and record.get("epoch", 0) <= epoch:
+        if not isinstance(record, dict):
+            continue
+        number = record.get("epoch", 0)
+        if isinstance(number, bool) or not isinstance(number, int):
+            lines.append(ln)  # not an epoch line of ours: kept as it is
+            continue
+        logged = max(logged, number)
+        if number <= epoch:
             lines.append(ln)
-    write_text_atomic(path, "".join(ln + "\n" for ln in lines))
+    if logged > epoch + 1:
+        raise CheckpointError(f"{path} records epoch {logged} but the newest checkpoint in {path.parent / 'checkpoints'} "
+                              f"is at epoch {epoch}: checkpoints were lost; refusing to train over the log (move the "
+                              "run directory away to retrain it)")
+    kept = "".join(ln + "\n" for ln in lines)
+    if kept != text:
+        write_text_atomic(path, kept)
 
 
 def _epoch_line(record: dict[str, Any]) -> str:
