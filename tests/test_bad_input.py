@@ -19,6 +19,7 @@ import phalanx
 from phalanx.checkpoint import CheckpointError, checkpoint_records, latest_checkpoint
 from phalanx.cli import main
 from phalanx.data import DatasetName, registry
+from phalanx.files import seal
 
 TINY = ["--set", "data.train_subset=128", "--set", "model.members=2", "--set", "train.epochs=1",
         "--set", "train.batch_size=64", "--set", "device=cpu", "--set", "eval.examples=32", "--quiet"]
@@ -164,7 +165,7 @@ def test_a_checkpoint_of_another_architecture(trained_run, capsys):
     assert not (trained_run / "eval").exists()
     for record in (trained_run / "checkpoints").glob("*.json"):  # a run of an older phalanx: weights compared
         meta = json.loads(record.read_text())
-        del meta["fingerprint"], meta["config"], meta["arch"]
+        del meta["fingerprint"], meta["config"], meta["arch"], meta["sha256"]
         record.write_text(json.dumps(meta))
     _fails(["eval", str(trained_run), "--quiet"], capsys, 2, "member 0 does not match", "another architecture")
 
@@ -353,7 +354,7 @@ def test_eval_settings_in_config_may_change(trained_run, capsys):
 def test_a_run_from_before_fingerprints_still_loads(trained_run):
     for record in (trained_run / "checkpoints").glob("epoch_*.json"):
         meta = json.loads(record.read_text())
-        for key in ("fingerprint", "config", "classes", "input_shape"):
+        for key in ("fingerprint", "config", "classes", "input_shape", "sha256"):
             meta.pop(key, None)
         record.write_text(json.dumps(meta))
     assert len(phalanx.load_run(trained_run)) == 2
@@ -457,7 +458,8 @@ def test_no_traceback_reaches_the_user(trained_run, tmp_path, capsys, case):
         ckpt.with_suffix(".safetensors").write_bytes(blob)
         meta = json.loads(ckpt.read_text())
         meta.update(tensors_sha256=hashlib.sha256(blob).hexdigest(), tensors_bytes=len(blob))
-        ckpt.write_text(json.dumps(meta))
+        del meta["sha256"]
+        ckpt.write_text(json.dumps(seal(meta)))  # a record that matches the bad tensors
         _fails(["eval", str(trained_run), "--quiet"], capsys, 2, str(ckpt))
     elif case == "transfer-set-truncated":
         argv = ["eval", str(trained_run), "--quiet", "--transfer-from", str(trained_run), "--attack", "fgsm",
@@ -517,3 +519,81 @@ def test_a_live_run_is_marked_and_eval_says_which_epoch(trained_run, capsys):
             assert main(["eval", str(trained_run), "--quiet", "--attack", "fgsm", "--examples", "8"]) == 0
         with pytest.warns(UserWarning, match=r"being trained.*process \d+.*epoch 1"):
             assert main(["report", str(trained_run)]) == 0
+
+
+# --- files phalanx wrote, changed afterwards ----------------------------------------------------
+
+def _edit_json(path, **changes):
+    """Change values of a JSON document phalanx wrote, keeping its (now stale) checksum."""
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_a_changed_metrics_line_is_skipped_by_name_and_the_resume_refused(trained_run, capsys):
+    from phalanx.files import DamagedFileWarning
+    from phalanx.runs import read_metrics
+    path = trained_run / "metrics.jsonl"
+    record = json.loads(path.read_text())
+    record["val_mixture_acc"] = 1 - record["val_mixture_acc"]
+    path.write_text(json.dumps(record) + "\n")
+    before = path.read_bytes()
+    _fails(["train", "quickstart/baseline", "--out", str(trained_run), *TINY], capsys, 2,
+           f"line 1 of {path} is damaged", "sha256", "refusing to resume")
+    assert path.read_bytes() == before
+    with pytest.warns(DamagedFileWarning, match=f"line 1 of {path} is damaged.*skipped"):
+        assert read_metrics(trained_run) == []
+    with pytest.warns(DamagedFileWarning, match=f"line 1 of {path}.*left out of the report"):
+        assert main(["report", str(trained_run)]) == 0
+    assert "1 unreadable line(s) of metrics.jsonl skipped" in (trained_run / "report.md").read_text()
+
+
+def test_changed_evaluation_analysis_and_checkpoint_files_are_reported_by_name(trained_run, tmp_path, capsys):
+    from phalanx.eval.transfer import load_transfer_set
+    from phalanx.files import DamagedFileWarning, write_json_atomic
+    from phalanx.report.render import read_run_data
+    assert main(["eval", str(trained_run), "--quiet", "--attack", "fgsm", "--examples", "8"]) == 0
+    whitebox = trained_run / "eval" / "whitebox.json"
+    _edit_json(whitebox, epoch=7)
+    analysis = trained_run / "analysis" / "gradients.json"
+    write_json_atomic(analysis, {"kind": "gradient-alignment", "coherence": [0.5, 0.25]})
+    _edit_json(analysis, coherence=[0.5, 0.75])
+    with pytest.warns(DamagedFileWarning) as caught:
+        data = read_run_data(trained_run)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert f"{whitebox} is damaged" in messages and "left out of the report" in messages
+    assert f"{analysis} is damaged" in messages and "gradient-alignment figures skipped" in messages
+    assert data.evals == [] and data.analysis is None
+    # transfer: the white-box cross-check is skipped with a warning; a changed sidecar is recrafted
+    argv = ["eval", str(trained_run), "--quiet", "--transfer-from", str(trained_run), "--attack", "fgsm",
+            "--examples", "8", "--transfer-dir", str(tmp_path / "sets")]
+    with pytest.warns(DamagedFileWarning, match=f"{whitebox} is damaged.*'white-box not above transfer' is skipped"):
+        assert main(argv) == 0
+    (path,) = (tmp_path / "sets").glob("*.safetensors")
+    _edit_json(path.with_suffix(".json"), seed=5)
+    with pytest.raises(ValueError, match=f"{path} is damaged: its sidecar .* does not match its sha256"):
+        load_transfer_set(path)
+    with pytest.warns(UserWarning, match=f"{path} is damaged.*recrafting it"):
+        assert main(argv) == 0
+    load_transfer_set(path)
+    # a checkpoint record whose checksum fails is damaged (the only one here: refused by name)
+    (record,) = (trained_run / "checkpoints").glob("epoch_*.json")
+    meta = json.loads(record.read_text())
+    meta["optimizer"]["param_groups"][0]["lr"] *= 10
+    record.write_text(json.dumps(meta))
+    _fails(["eval", str(trained_run), "--quiet"], capsys, 2, str(record), "sha256")
+
+
+def test_files_written_before_checksums_are_read_unverified(trained_run, recwarn):
+    from phalanx.files import read_json
+    from phalanx.runs import read_metrics
+    assert main(["eval", str(trained_run), "--quiet", "--attack", "fgsm", "--examples", "8"]) == 0
+    metrics = trained_run / "metrics.jsonl"
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    metrics.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "sha256"}) + "\n" for r in lines))
+    for path in [trained_run / "eval" / "whitebox.json", *(trained_run / "checkpoints").glob("epoch_*.json")]:
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "sha256"}))
+    recwarn.clear()
+    assert [r["epoch"] for r in read_metrics(trained_run)] == [1]
+    assert read_json(trained_run / "eval" / "whitebox.json")["epoch"] == 1
+    assert len(phalanx.load_run(trained_run)) == 2
+    assert main(["train", "quickstart/baseline", "--out", str(trained_run), *TINY]) == 0  # resumes (nothing to do)
+    assert not [w for w in recwarn if "damaged" in str(w.message)]

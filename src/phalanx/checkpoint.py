@@ -3,7 +3,8 @@
 A checkpoint is `epoch_NNNN.safetensors` + `epoch_NNNN.json` (after NNNN whole epochs), or
 `epoch_NNNN_BBBBBB.*` (a mid-epoch one: BBBBBB batches into the next epoch). The JSON is
 written last and records the tensor file's size and SHA-256, so it acts as the commit marker:
-a checkpoint whose JSON is missing or does not match its tensors is not a checkpoint.
+a checkpoint whose JSON is missing or does not match its tensors is not a checkpoint. The JSON
+carries its own checksum too (`phalanx.files`), so an edited or damaged record is caught.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from phalanx.files import remove_temp_files, write_bytes_atomic, write_json_atomic
+from phalanx.files import DamagedFileError, loads_checked, remove_temp_files, write_bytes_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
 _STEM = re.compile(r"epoch_(\d+)(?:_(\d+))?")
@@ -102,11 +103,17 @@ def read_checkpoint(json_path: Path) -> Checkpoint:
     json_path = Path(json_path)
     refuse_foreign_file(json_path)
     try:
-        meta = json.loads(json_path.read_text())
+        text = json_path.read_text()
+        meta = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {json_path} is unreadable: {exc}") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint {json_path} holds a {type(meta).__name__}, expected a JSON object")
+    check_record(meta, json_path)  # a missing or mistyped field is named; any other change, by the checksum
+    try:
+        meta = loads_checked(text, f"checkpoint {json_path}")
+    except DamagedFileError as exc:
+        raise CheckpointError(str(exc)) from None
     blob_path = json_path.with_suffix(".safetensors")
     if not blob_path.is_file():
         raise CheckpointError(f"checkpoint {json_path} has no tensor file {blob_path.name}")

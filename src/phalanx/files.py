@@ -1,8 +1,17 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a partial one."""
+"""Atomic, checksummed file writes: a reader sees the old file or the complete new one, never a
+partial one, and can tell a file that changed after phalanx wrote it.
+
+A JSON document phalanx writes (a dict) carries `"sha256"`: the SHA-256 of the canonical dump
+(sorted keys, no spaces) of the document without that field, as JSON reads it back; each line
+that `append_jsonl` appends carries the same field for that line. Readers verify it
+(`loads_checked`, `read_jsonl`); documents and lines written before checksums (no field) are read
+unverified.
+"""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -17,6 +26,15 @@ from typing import Any
 # only files named so are ever removed as leftovers.
 _TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
 _TEMP_GRACE_S = 2.0  # a temporary file younger than this may be one a writer has not locked yet
+CHECKSUM_FIELD = "sha256"
+
+
+class DamagedFileError(ValueError):
+    """A file (or line) phalanx wrote whose content no longer matches its checksum."""
+
+
+class DamagedFileWarning(UserWarning):
+    """A damaged file or line was skipped, or a step that needs it was."""
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -67,6 +85,12 @@ def remove_temp_files(directory: str | Path, *, target: str | None = None,
     return removed
 
 
+def is_temp_name(name: str, target: str) -> bool:
+    """Whether `name` is one `write_bytes_atomic` gives its temporary files when writing `target`."""
+    match = _TEMP_NAME.fullmatch(name)
+    return match is not None and match["target"] == target
+
+
 def _abandoned(path: Path, grace_s: float) -> bool:
     """Whether a temporary file's writer is gone: a regular file, not locked, not just created."""
     try:
@@ -91,15 +115,72 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Write a JSON document atomically; a dict gets its checksum field (`seal`)."""
+    write_text_atomic(path, json.dumps(seal(obj), indent=2, sort_keys=False) + "\n")
 
 
 def append_jsonl(path: str | Path, obj: Any) -> None:
-    """Append one JSON line and flush it to disk (metrics survive a crash)."""
+    """Append one JSON line, with its checksum field, and flush it to disk (metrics survive a crash)."""
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(obj) + "\n")
+        handle.write(json.dumps(seal(obj)) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def seal(obj: Any) -> Any:
+    """A dict with its checksum field added (other JSON values are returned as they are)."""
+    if not isinstance(obj, dict):
+        return obj
+    if CHECKSUM_FIELD in obj:
+        raise ValueError(f"a document phalanx writes may not hold the key {CHECKSUM_FIELD!r}: it is the checksum's")
+    return {**obj, CHECKSUM_FIELD: _digest(json.loads(json.dumps(obj)))}  # as a reader will see it
+
+
+def loads_checked(text: str, source: str | Path) -> Any:
+    """Parse a JSON document or line phalanx wrote and verify its checksum; the value without the field.
+
+    Raises json.JSONDecodeError when it is not JSON, DamagedFileError (naming `source`) when its
+    checksum does not match; a value without the field (written before checksums) is unverified.
+    """
+    doc = json.loads(text)
+    if not isinstance(doc, dict) or CHECKSUM_FIELD not in doc:
+        return doc
+    stored = doc.pop(CHECKSUM_FIELD)
+    if stored != _digest(doc):
+        raise DamagedFileError(f"{source} is damaged: its content does not match its {CHECKSUM_FIELD} "
+                               "(changed after phalanx wrote it)")
+    return doc
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON document phalanx wrote, verified; DamagedFileError naming `path` when it is damaged
+    (not text, not JSON, or not matching its checksum)."""
+    path = Path(path)
+    try:
+        return loads_checked(path.read_text(encoding="utf-8"), path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedFileError(f"{path} is damaged: not a JSON document ({exc})") from None
+
+
+def read_jsonl(path: str | Path) -> tuple[list[Any], list[str]]:
+    """The verified values of a JSON Lines file, and a message per damaged line ("line N of PATH ...")."""
+    path = Path(path)
+    values, damaged = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            values.append(loads_checked(line, f"line {number} of {path}"))
+        except json.JSONDecodeError:
+            damaged.append(f"line {number} of {path} is damaged: not JSON (torn by a kill, or changed)")
+        except DamagedFileError as exc:
+            damaged.append(str(exc))
+    return values, damaged
+
+
+def _digest(doc: Any) -> str:
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -7,7 +7,6 @@ Layout: `config.yaml` (fully resolved), `metrics.jsonl`, `checkpoints/` (safeten
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -24,7 +23,9 @@ from phalanx.checkpoint import (
 from phalanx.config import (
     ConfigError, RunConfig, dump_config, fingerprint, from_mapping, identity_differences, read_yaml_mapping,
 )
-from phalanx.files import remove_temp_files, write_json_atomic, write_text_atomic
+from phalanx.files import (
+    DamagedFileWarning, is_temp_name, read_jsonl, remove_temp_files, write_json_atomic, write_text_atomic,
+)
 from phalanx.models import Classifier, InputSpec, Mixture, build_model
 
 
@@ -69,7 +70,8 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
 def check_run_dir(run_dir: Path, cfg: RunConfig) -> bool:
     """Whether `run_dir` may hold a run of `cfg`, without writing anything; True when it already does.
 
-    Allowed: a folder that does not exist, an empty one (or one holding only phalanx's lock file),
+    Allowed: a folder that does not exist, an empty one (or one holding only phalanx's lock file and
+    temporary files of config.yaml, which a killed first write leaves),
     or a phalanx run of the same configuration. Refused: a file, a run of another configuration,
     and any other folder, so that phalanx never writes into (or cleans up) a folder of the user's.
     """
@@ -82,7 +84,9 @@ def check_run_dir(run_dir: Path, cfg: RunConfig) -> bool:
                               f"or delete it (compare {path} with the new settings)")
         return True
     if run_dir.is_dir():
-        found = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+        # a write of config.yaml killed before its rename leaves a temporary file: still an empty run
+        found = sorted(p.name for p in run_dir.iterdir()
+                       if p.name != LOCK_FILE and not is_temp_name(p.name, config_path(run_dir).name))
         if found:
             shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
             raise RunDirError(f"{run_dir} is not a phalanx run (no config.yaml) and not empty (it holds {shown}); "
@@ -190,10 +194,14 @@ def check_identity(run_dir: Path, cfg: RunConfig, ckpt: Checkpoint) -> None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The epoch records of `metrics.jsonl`, each verified; a damaged line is skipped with a warning."""
     path = metrics_path(Path(run_dir))
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, damaged = read_jsonl(path)
+    for message in damaged:
+        warnings.warn(f"{message}: this record is skipped", DamagedFileWarning, stacklevel=2)
+    return records
 
 
 def build_members(cfg: RunConfig, spec: InputSpec) -> list[Classifier]:

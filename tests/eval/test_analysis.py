@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -12,6 +11,7 @@ from phalanx.config import load_config
 from phalanx.data import DatasetName, load_dataset
 from phalanx.eval.analysis import GAAS_EPS, analysis_path, analyze_run, coherence_summary
 from phalanx.eval.gradients import coherence, member_input_gradients, pairwise_cosine
+from phalanx.files import read_json
 from phalanx.presets import resolve_config_path
 from phalanx.report import write_report
 from phalanx.runs import load_members
@@ -37,7 +37,7 @@ def analyzed(tmp_path_factory):
 
 def test_the_json_has_every_part_with_the_right_lengths_and_ranges(analyzed):
     run, doc = analyzed
-    assert json.loads(analysis_path(run).read_text()) == doc
+    assert read_json(analysis_path(run)) == doc  # verified against its checksum
     assert analysis_path(run) == run / "analysis" / "gradients.json" and not (run / "eval").exists()
     assert (doc["run"], doc["dataset"], doc["epoch"], doc["members"], doc["n"]) == (
         "quickstart-baseline", "digits", 1, 3, EXAMPLES)

@@ -37,7 +37,9 @@ from phalanx.data import load_dataset
 from phalanx.eval.sanity import apply_sanity_checks, check_whitebox_below_transfer
 from phalanx.eval.stats import add_ci95
 from phalanx.eval.whitebox import attack_spec, correct_mask, max_perturbation, named_models, strongest_records
-from phalanx.files import write_bytes_atomic, write_json_atomic
+from phalanx.files import (
+    DamagedFileError, DamagedFileWarning, loads_checked, read_json, write_bytes_atomic, write_json_atomic,
+)
 from phalanx.models import Mixture
 from phalanx.runs import load_members, write_eval_json
 from phalanx.train.loop import resolve_device
@@ -232,9 +234,12 @@ def load_transfer_set(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
 def _read_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sidecar = path.with_suffix(".json")
     try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        meta = loads_checked(sidecar.read_text(encoding="utf-8"), sidecar)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TransferSetDamaged(f"transfer set {path} is damaged: its sidecar {sidecar.name} is not JSON ({exc})") from None
+    except DamagedFileError:
+        raise TransferSetDamaged(f"transfer set {path} is damaged: its sidecar {sidecar.name} does not match "
+                                 "its sha256") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise TransferSetDamaged(f"transfer set {path} is damaged: {sidecar.name} is not a {FORMAT} sidecar "
@@ -311,7 +316,7 @@ def evaluate_transfer(target_run_dir: str | Path, transfer_set_path: str | Path,
     extra = []
     whitebox_path = run_dir / "eval" / "whitebox.json"
     if whitebox_path.is_file():
-        extra = check_whitebox_below_transfer(json.loads(whitebox_path.read_text())["results"], records)
+        extra = check_whitebox_below_transfer(_whitebox_results(whitebox_path), records)
     sanity = apply_sanity_checks(records, extra=extra, white_box=False)
     doc = {"kind": "transfer", "run": str(run_dir), "dataset": cfg.data.dataset, "method": cfg.train.method,
            "arch": cfg.model.arch, "epoch": ckpt_meta["epoch"], "device": str(dev), "source": source,
@@ -320,6 +325,18 @@ def evaluate_transfer(target_run_dir: str | Path, transfer_set_path: str | Path,
            "wall_time_s": time.perf_counter() - started, "results": records, "sanity": sanity}
     write_eval_json(run_dir, "transfer.json", doc)
     return doc
+
+
+def _whitebox_results(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's `eval/whitebox.json` for a cross-check; none (with a warning) when it is damaged."""
+    try:
+        doc = read_json(path)
+    except DamagedFileError as exc:
+        warnings.warn(f"{exc}: the check 'white-box not above transfer' is skipped (run `phalanx eval` again "
+                      "to rewrite it)", DamagedFileWarning, stacklevel=3)
+        return []
+    results = doc.get("results") if isinstance(doc, dict) else None
+    return [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
 
 
 def _mean(mask: torch.Tensor) -> float:

@@ -16,6 +16,7 @@ import html
 import json
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import yaml
 
 from phalanx.eval.stats import record_ci95, record_n
 from phalanx.eval.tables import common_n, markdown_table
-from phalanx.files import write_text_atomic
+from phalanx.files import DamagedFileError, DamagedFileWarning, loads_checked, read_jsonl, write_text_atomic
 from phalanx.report import figures
 from phalanx.report.figures import Curve, Panel, eps_label
 
@@ -98,19 +99,11 @@ def _read_metrics(path: Path, missing: list[str]) -> list[dict[str, Any]]:
     if not path.is_file():
         missing.append("no metrics.jsonl: training curves and diagnostics skipped")
         return []
-    rows, bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict) and _is_number(row.get("epoch")):
-            rows.append(row)
-        else:
-            bad += 1
+    values, damaged = read_jsonl(path)
+    for message in damaged:  # counted in the report's note below, named in a warning
+        warnings.warn(f"{message}: it is left out of the report", DamagedFileWarning, stacklevel=3)
+    rows = [row for row in values if isinstance(row, dict) and _is_number(row.get("epoch"))]
+    bad = len(values) - len(rows) + len(damaged)
     if bad:
         missing.append(f"{bad} unreadable line(s) of metrics.jsonl skipped")
     if not rows:
@@ -127,9 +120,12 @@ def _read_evals(eval_dir: Path, missing: list[str]) -> list[tuple[str, dict[str,
     docs = []
     for file in files:
         try:
-            doc = json.loads(file.read_text(encoding="utf-8"))
+            doc = loads_checked(file.read_text(encoding="utf-8"), file)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             missing.append(f"eval/{file.name} could not be read ({type(err).__name__}): skipped")
+            continue
+        except DamagedFileError as err:
+            _damaged(f"{err}: it is left out of the report (run `phalanx eval` again to rewrite it)", missing)
             continue
         results = doc.get("results") if isinstance(doc, dict) else None
         if not isinstance(results, list):
@@ -153,9 +149,12 @@ def _read_analysis(path: Path, missing: list[str]) -> dict[str, Any] | None:
         missing.append(f"no analysis/gradients.json: {skipped} (run `phalanx analyze` on this run directory)")
         return None
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = loads_checked(path.read_text(encoding="utf-8"), path)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         missing.append(f"analysis/gradients.json could not be read ({type(err).__name__}): {skipped}")
+        return None
+    except DamagedFileError as err:
+        _damaged(f"{err}: {skipped} (run `phalanx analyze` again to rewrite it)", missing)
         return None
     if not isinstance(doc, dict):
         missing.append(f"analysis/gradients.json is not a JSON object: {skipped}")
@@ -176,6 +175,12 @@ def _read_analysis(path: Path, missing: list[str]) -> dict[str, Any] | None:
         missing.append(f"analysis/gradients.json holds neither a coherence list nor GAAS results: {skipped}")
         return None
     return {**doc, "coherence": coh, "gaas": {**gaas, "results": results} if results else None}
+
+
+def _damaged(message: str, missing: list[str]) -> None:
+    """A file or line that changed after phalanx wrote it: said in the report and as a warning."""
+    missing.append(message)
+    warnings.warn(message, DamagedFileWarning, stacklevel=4)
 
 
 def _clean_record(rec: Any, doc: Mapping[str, Any], file: Path) -> dict[str, Any] | None:

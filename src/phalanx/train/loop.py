@@ -22,7 +22,7 @@ from phalanx.checkpoint import (
 )
 from phalanx.config import DEVICE_RULE, ConfigError, OptimConfig, RunConfig, fingerprint, to_mapping, valid_device
 from phalanx.data import Augment, DeviceBatches, dataset_info, load_dataset, train_val_split
-from phalanx.files import append_jsonl, remove_temp_files, write_text_atomic
+from phalanx.files import DamagedFileError, append_jsonl, loads_checked, remove_temp_files, write_text_atomic
 from phalanx.tensorboard import TensorboardLog
 from phalanx.models import Classifier, mixture_log_probs
 from phalanx.runs import (
@@ -439,17 +439,26 @@ def _keep_metrics_through(path: Path, epoch: int) -> None:
     torn by a kill during its write, so that each epoch is logged once.
 
     A kill can leave at most one epoch logged past the newest checkpoint (its line is written just
-    before its checkpoint); more means checkpoints were lost, and the log is kept as it is: refused.
+    before its checkpoint), and a torn line only as the last, unterminated one. More epochs mean
+    checkpoints were lost, and any other damaged line (not JSON, or not matching its checksum) is a
+    record that cannot be trusted: either way the log is kept as it is and the resume refused.
     """
     if not path.is_file():
         return
     text = path.read_text(encoding="utf-8", errors="replace")
+    raw = text.splitlines()
     lines, logged = [], 0
-    for ln in text.splitlines():
-        try:
-            record = json.loads(ln)
-        except json.JSONDecodeError:
+    for number, ln in enumerate(raw, start=1):
+        if not ln.strip():
             continue
+        try:
+            record = loads_checked(ln, f"line {number} of {path}")
+        except json.JSONDecodeError:
+            if number == len(raw) and not text.endswith("\n"):
+                continue  # torn by a kill during its write
+            raise DamagedFileError(f"line {number} of {path} is damaged: not JSON; {_REFUSE_DAMAGED_LOG}") from None
+        except DamagedFileError as exc:
+            raise DamagedFileError(f"{exc}; {_REFUSE_DAMAGED_LOG}") from None
         if not isinstance(record, dict):
             continue
         number = record.get("epoch", 0)
@@ -466,6 +475,10 @@ def _keep_metrics_through(path: Path, epoch: int) -> None:
     kept = "".join(ln + "\n" for ln in lines)
     if kept != text:
         write_text_atomic(path, kept)
+
+
+_REFUSE_DAMAGED_LOG = ("refusing to resume over it (the log is kept as it is): restore or delete that line, "
+                       "or move the run directory away to retrain it")
 
 
 def _epoch_line(record: dict[str, Any]) -> str:
