@@ -135,10 +135,10 @@ class AttackConfig:
         # A value equal to the attack's own default is the same attack as "not given", and is stored so:
         # run configs written before these became "not given" hold random_start: true, restarts: 1 for
         # every attack (meaningless to one without restarts), and must still resume and compare equal.
-        own = entry.resolve(self.eps, {}) if self.eps >= 0 else {}
-        for key, old_default in (("random_start", True), ("restarts", 1), ("steps", None)):
+        own = entry.resolve(self.eps, {})
+        for key, written_before in (("random_start", True), ("restarts", 1), ("steps", None)):
             value = getattr(self, key)
-            if (key not in entry.tunable() and value == old_default) or (key in own and value == own[key]):
+            if value == (own[key] if key in entry.tunable() else written_before):
                 object.__setattr__(self, key, None)
         linf = entry.fixed.get("norm") != "l2"
         _check(math.isfinite(self.eps) and 0 <= self.eps and (self.eps <= 1 or not linf), "eval.attacks[].eps",

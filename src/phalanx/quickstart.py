@@ -84,7 +84,7 @@ def comparison_sentence(docs: dict[str, dict[str, Any]], eps: float, base: str =
         overlap = " (the 95% intervals overlap: not a significant difference)" if lo <= rhi and rlo <= hi else ""
         parts.append(f"{label} is {abs(diff):.1f} points {'more' if diff > 0 else 'less'} robust than {base}"
                      f"{overlap}")
-    names = ", ".join(a for a in worst_case(docs[base], eps)["params"]["attacks"])
+    names = ", ".join(ref["params"]["attacks"])
     return (f"Worst case at eps {eps:g} (per example, over {names}): " + "; ".join(parts) + "."
             if parts else "")
 

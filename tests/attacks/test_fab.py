@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from phalanx.attacks.core import Norm, attack_mode
-from phalanx.attacks.fab import attack_norms, fab_step, fab_t, project_hyperplane_box, random_start
+from phalanx.attacks.core import norms
+from phalanx.attacks.fab import fab_step, fab_t, project_hyperplane_box, random_start
 
 
 def distance(x_adv: torch.Tensor, x: torch.Tensor, norm: Norm) -> torch.Tensor:
-    return attack_norms(x_adv - x, norm)
+    return norms(x_adv - x, norm)
 
 
 @torch.no_grad()
@@ -90,7 +91,7 @@ def test_projection_is_the_smallest_step_onto_hyperplane_and_box(norm: Norm, dim
     assert bool((z >= -1e-12).all() and (z <= 1 + 1e-12).all())
     assert bool((d[w == 0] == 0).all())  # coordinates the hyperplane ignores stay put
     brute = brute_force_linf if norm is Norm.LINF else brute_force_l2
-    sizes = attack_norms(d, norm)
+    sizes = norms(d, norm)
     infeasible = 0
     for i in range(len(p)):
         best = brute(p[i], w[i], float(b[i]))

@@ -101,6 +101,12 @@ def l2_norms(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(p=2, dim=1)
 
 
+def norms(delta: torch.Tensor, norm: Norm | str) -> torch.Tensor:
+    """The `norm` (Linf or L2) of each example of a batch: shape (batch,)."""
+    flat = delta.flatten(1)
+    return flat.abs().amax(dim=1) if coerce_norm(norm) is Norm.LINF else flat.norm(p=2, dim=1)
+
+
 def project(x_adv: torch.Tensor, x: torch.Tensor, *, eps: float, norm: Norm | str) -> torch.Tensor:
     """`x_adv` moved into the threat model: the `norm` ball of radius eps around `x`, and [0, 1].
 

@@ -25,7 +25,7 @@ from phalanx.attacks.core import (
     check_eps,
     check_inputs,
     coerce_norm,
-    l2_norms,
+    norms,
     project,
     steepest_step,
     succeeded,
@@ -33,13 +33,6 @@ from phalanx.attacks.core import (
 
 # as fab_base.py: the norms of the two projection steps are floored at 1e-8 before alpha is formed
 _MIN_STEP_NORM = 1e-8
-
-
-def attack_norms(delta: torch.Tensor, norm: Norm) -> torch.Tensor:
-    """The `norm` of each example of a batch: shape (batch,)."""
-    if norm is Norm.LINF:
-        return delta.flatten(1).abs().amax(dim=1)
-    return l2_norms(delta)
 
 
 # --- the projection onto {hyperplane} ∩ {box} -------------------------------------------------------
@@ -122,7 +115,7 @@ def fab_step(x_k: torch.Tensor, x: torch.Tensor, gap: torch.Tensor, grad: torch.
     d = project_hyperplane_box(torch.cat([x_k.flatten(1), x.flatten(1)]), torch.cat([w, w]),
                                torch.cat([b, b]), norm=norm).view(2 * n, *x_k.shape[1:])
     d_k, d_0 = d[:n], d[n:]
-    size_k, size_0 = attack_norms(d, norm).clamp(min=_MIN_STEP_NORM).split(n)
+    size_k, size_0 = norms(d, norm).clamp(min=_MIN_STEP_NORM).split(n)
     # as fab_base.py: alpha from the two step sizes, biasing the step towards x, capped at alpha_max
     alpha = _per_example((size_k / (size_k + size_0)).clamp(0.0, alpha_max), x_k)
     # as fab_base.py: both projections extrapolated by eta, the mix clipped to the box
@@ -153,7 +146,7 @@ def fab_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Te
             # as fab_base.py: any misclassification counts, not only reaching the target
             adversarial = succeeded(model(x_k), y_a, targeted=False)
         # as fab_base.py's perturb: a point counts only within eps of x (norm <= eps)
-        hit = adversarial & (attack_norms(x_k - x_a, norm) <= eps)
+        hit = adversarial & (norms(x_k - x_a, norm) <= eps)
         x_adv[active[hit]] = x_k[hit]
         fooled[active[hit]] = True
         # as fab_base.py: from an adversarial point, step back towards x by the factor beta
@@ -171,7 +164,7 @@ def random_start(x: torch.Tensor, *, eps: float, norm: Norm,
     device = generator.device if generator is not None else x.device
     if norm is Norm.LINF:
         noise = 2 * torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype) - 1
-        unit = noise / _per_example(attack_norms(noise, norm).clamp(min=_TINY), noise)
+        unit = noise / _per_example(norms(noise, norm).clamp(min=_TINY), noise)
     else:
         unit = steepest_step(torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype), norm)
     return (x + 0.5 * eps * unit.to(x.device)).clamp(0.0, 1.0)

@@ -123,12 +123,16 @@ def mora_logits(member_logits: torch.Tensor, y: torch.Tensor, *, mix: float = 0.
     return (1 - mix) * output / gap[:, None] + mix * members
 
 
+def is_ensemble(model: nn.Module) -> bool:
+    """Whether the ensemble objectives can read `model`'s members' logits (a phalanx Mixture does)."""
+    return callable(getattr(model, "member_logits", None))
+
+
 def _member_logits(model: nn.Module, x: torch.Tensor, ensemble: Ensemble) -> torch.Tensor:
-    member_logits = getattr(model, "member_logits", None)
-    if not callable(member_logits):
+    if not is_ensemble(model):
         raise ValueError(f"the ensemble objective {ensemble.value!r} needs an ensemble whose members' logits it can "
                          f"read (a phalanx Mixture); got {type(model).__name__}; use ensemble='output' for one model")
-    return member_logits(x)
+    return model.member_logits(x)
 
 
 def objective_and_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, targeted: bool,

@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from phalanx.attacks.core import norms
+
 
 def max_perturbation(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> float:
     """The largest per-example norm of x_adv - x in the attack's norm ("linf" or "l2")."""
-    if len(x) == 0:
-        return 0.0
-    d = (x_adv - x).flatten(1)
-    return float(d.abs().amax() if norm == "linf" else d.norm(dim=1).amax())
+    return float(norms(x_adv - x, norm).amax()) if len(x) else 0.0
 
 
 @torch.no_grad()
@@ -28,9 +27,4 @@ def correct_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size:
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
     """Top-1 accuracy of `model` on float pixels `x`; the model's mode is left as found."""
-    mode = model.training
-    model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(y), batch_size))
-    model.train(mode)
-    return correct / max(len(y), 1)
+    return float(correct_mask(model, x, y, batch_size).float().mean()) if len(y) else 0.0

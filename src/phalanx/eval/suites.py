@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from phalanx.attacks import ATTACKS, AttackName, AttackSpec, attack_in_batches
+from phalanx.attacks.losses import is_ensemble
 from phalanx.enums import coerce_enum
 from phalanx.eval.measure import correct_mask, max_perturbation
 
@@ -71,7 +72,7 @@ def suite_specs(suite: Suite | str, eps: float, norm: str = "linf") -> list[Atta
 
 def applies_to(suite: Suite | str, model: nn.Module) -> bool:
     """The ensemble suite needs the members' logits; a single model gets only AutoAttack."""
-    return coerce_suite(suite) is not Suite.ENSEMBLE or callable(getattr(model, "member_logits", None))
+    return coerce_suite(suite) is not Suite.ENSEMBLE or is_ensemble(model)
 
 
 def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Suite | str, *, eps: float,

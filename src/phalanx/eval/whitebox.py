@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from phalanx.attacks import ATTACKS, AttackSpec, attack_in_batches, coerce_attack_name
+from phalanx.attacks.losses import is_ensemble
 from phalanx.config import AttackConfig, SuiteConfig
 from phalanx.eval.measure import accuracy, correct_mask, max_perturbation
 from phalanx.eval.sanity import apply_sanity_checks, large_eps_check
@@ -125,7 +126,7 @@ def evaluate_whitebox(mixture: Mixture, x: torch.Tensor, y: torch.Tensor, attack
         records[-1]["accuracy_attacked"] = float(clean_masks[name].float().mean())  # clean on the attacked subset
         for cfg in attacks:
             spec = attack_spec(cfg)
-            if ATTACKS[spec.name].ensemble_only and not callable(getattr(model, "member_logits", None)):
+            if ATTACKS[spec.name].ensemble_only and not is_ensemble(model):
                 continue  # an ensemble objective; a single member has only its own output
             label = f"{name} {cfg.name} eps={cfg.eps:g}" if progress else None
             record, correct = _attack_record(name, model, spec, xs, ys, seed=seed, batch_size=batch_size, progress=label)
