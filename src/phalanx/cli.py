@@ -44,6 +44,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from phalanx.eval.run_eval import evaluate_run
     from phalanx.eval.tables import CI_NOTE, accuracy_table, text_table
 
+    from phalanx.runs import read_run_config
+
+    protocol = args.protocol or read_run_config(args.run_dir).eval.protocol
+    if protocol != "standard":
+        return _eval_protocol(args, protocol)
     attacks = _attacks_from_args(args)
     if args.transfer_from:
         if args.suite:
@@ -114,6 +119,44 @@ def _eval_transfer(args: argparse.Namespace, attacks: list[AttackConfig] | None)
     print(text_table(*paired_eps_table(doc["results"])))
     _print_warnings(doc["results"])
     print(f"\nresults: {Path(args.run_dir) / 'eval' / 'transfer.json'}\ntransfer set: {path}")
+    return 0
+
+
+def _eval_protocol(args: argparse.Namespace, protocol: str) -> int:
+    """`phalanx eval --protocol P`: a source's own evaluation, which fixes its attacks."""
+    from phalanx.eval.protocols import LABELS, Protocol, evaluate_authors_protocol, evaluate_report_protocol
+    from phalanx.eval.tables import CI_NOTE, accuracy_table, curve_table, text_table
+
+    fixed = [f"--{flag.replace('_', '-')}" for flag in ("attack", "suite", "alpha", "steps", "restarts", "large_eps")
+             if getattr(args, flag)]
+    if fixed:
+        raise ValueError(f"--protocol {protocol} fixes its own attacks; drop {', '.join(fixed)} or use --protocol standard")
+    if protocol == Protocol.GAL_PAPER:
+        if not args.transfer_from:
+            raise ValueError("--protocol gal-paper transfers from a surrogate: give --transfer-from SURROGATE_RUN")
+        return _eval_transfer(args, None)
+    if protocol == Protocol.DVERGE_REPORT:
+        if args.transfer_from or args.eps:
+            raise ValueError("--protocol dverge-report is white-box at the report's eps 0.03; drop --transfer-from/--eps")
+        doc = evaluate_report_protocol(args.run_dir, device=args.device, progress=not args.quiet)
+        print(f"{doc['dataset_display']} — {doc['method']} {doc['arch']} (epoch {doc['epoch']}), accuracy (%) under "
+              f"the {LABELS[Protocol.DVERGE_REPORT]} (its unprojected PGD; {doc['split']})")
+        print(CI_NOTE)
+        print(text_table(*accuracy_table(doc["results"])))
+        _print_warnings(doc["results"])
+        print(f"\nresults: {Path(args.run_dir) / 'eval' / 'dverge-report.json'}")
+        return 0
+    if not args.transfer_from or len(args.transfer_from) != 1:
+        raise ValueError("--protocol dverge-authors transfers from one separately trained baseline ensemble: "
+                         "give --transfer-from SURROGATE_RUN once")
+    kwargs = {"eps_grid": tuple(args.eps)} if args.eps else {}
+    doc = evaluate_authors_protocol(args.run_dir, args.transfer_from[0], examples=args.examples, device=args.device,
+                                    transfer_dir=args.transfer_dir, seed=args.seed, progress=not args.quiet, **kwargs)
+    print(f"{doc['dataset_display']} — {doc['method']} {doc['arch']} (epoch {doc['epoch']}), mixture accuracy (%) "
+          f"under the {LABELS[Protocol.DVERGE_AUTHORS]}; surrogate {doc['surrogate_run']}")
+    print(text_table(*curve_table(doc["curve"])))
+    _print_warnings(doc["whitebox"] + doc["transfer"])
+    print(f"\nresults: {Path(args.run_dir) / 'eval' / 'dverge-authors.json'}")
     return 0
 
 
@@ -246,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-dir", help="where transfer sets are stored and reused "
                                           "(default: FIRST_SURROGATE/transfer)")
     p.add_argument("--seed", type=int, default=0, help="seed of the transfer set's random starts")
+    p.add_argument("--protocol", choices=["standard", "dverge-report", "dverge-authors", "gal-paper"],
+                   help="whose evaluation: standard (phalanx's; the default unless the run's eval.protocol says "
+                        "otherwise), dverge-report (the report's script, unprojected PGD, labelled 'report "
+                        "protocol'), dverge-authors (PGD-50 white-box and transfer from --transfer-from over eps "
+                        "0.01-0.07), gal-paper (the GAL transfer table from --transfer-from)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 

@@ -45,6 +45,9 @@ class DataConfig:
     download: bool = False
     allow_noncanonical: bool = False
     val_size: int = 0  # examples held out of the training split for validation; 0 uses the test split
+    # which ones: a seeded random draw, or the first val_size images (the DVERGE report's code:
+    # its course template's get_validation_loader holds out indices[:1024] of the training split)
+    val_from: Literal["random", "head"] = "random"
     train_subset: int | None = None  # first N training examples only (quick runs)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -63,6 +66,9 @@ class ModelConfig:
     arch: str = "conv"
     activation: str | None = None  # null: the architecture's default (see phalanx.models)
     members: int = 3
+    # false: the model takes raw [0, 1] pixels without per-channel standardisation (the DVERGE
+    # report's Conv, whose model.py applies no transform but ToTensor)
+    normalize_input: bool = True
 
     def __post_init__(self) -> None:
         from phalanx.models import Activation, Arch
@@ -185,6 +191,8 @@ class EvalConfig:
     clean_repeats: int = 1  # clean accuracy averaged over this many random subsets of `examples`
     batch_size: int = 500
     transfer_from: str | None = None  # preset of the surrogate whose examples `phalanx reproduce` transfers
+    # how `phalanx eval` measures (phalanx.eval.protocols): standard, or a source's own protocol
+    protocol: Literal["standard", "dverge-report", "dverge-authors", "gal-paper"] = "standard"
 
     def __post_init__(self) -> None:
         _check(self.examples is None or self.examples >= 1, "eval.examples", self.examples, "null or an integer >= 1")

@@ -6,6 +6,8 @@ Layout: `config.yaml` (fully resolved), `metrics.jsonl`, `checkpoints/` (safeten
 
 from __future__ import annotations
 
+import dataclasses
+
 import fcntl
 import os
 import warnings
@@ -205,7 +207,10 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def build_members(cfg: RunConfig, spec: InputSpec) -> list[Classifier]:
-    """Freshly initialized members; member i is seeded with (seed, i) so runs are reproducible."""
+    """Freshly initialized members; member i is seeded with (seed, i) so runs are reproducible.
+    With `model.normalize_input` false the members see raw [0, 1] pixels (mean 0, std 1)."""
+    if not cfg.model.normalize_input:
+        spec = dataclasses.replace(spec, mean=(0.0,) * spec.channels, std=(1.0,) * spec.channels)
     members = []
     for i in range(cfg.model.members):
         with torch.random.fork_rng(devices=[]):

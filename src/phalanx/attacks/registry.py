@@ -21,6 +21,7 @@ from phalanx.attacks.fab import fab_t
 from phalanx.attacks.fgsm import fgsm
 from phalanx.attacks.fgsm_family import ifgsm, mifgsm, rfgsm
 from phalanx.attacks.pgd import madry_step, pgd
+from phalanx.attacks.report_pgd import reach, report_pgd
 from phalanx.attacks.square import square
 from phalanx.enums import coerce_enum
 
@@ -54,6 +55,9 @@ class AttackName(str, Enum):
     APGD_DLR_MEAN_LOGITS_L2 = "apgd-dlr-mean-logits-l2"
     APGD_CE_MEMBER_SUM_L2 = "apgd-ce-member-sum-l2"
     APGD_MORA_L2 = "apgd-mora-l2"
+    # the DVERGE report's own unprojected attacks (report_pgd.py): its protocol only, never a default
+    PGD_LINF_REPORT = "pgd-linf-report"
+    PGD_L2_REPORT = "pgd-l2-report"
 
 
 def coerce_attack_name(name: AttackName | str) -> AttackName:
@@ -79,6 +83,9 @@ class AttackEntry:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     derived: Mapping[str, Derivation] = field(default_factory=dict)
     ensemble_only: bool = False  # its objective needs a model with member_logits (a Mixture)
+    # the largest perturbation it can make, from (eps, resolved parameters), when that is not eps
+    # (the report's unprojected attacks); the sanity check holds it to this budget instead
+    budget: Derivation | None = None
 
     def tunable(self) -> frozenset[str]:
         """Names a spec may set: the function's keyword-only arguments, less eps, generator, `fixed`."""
@@ -104,6 +111,10 @@ def _madry(eps: float, p: Mapping[str, Any]) -> float:
 
 def _half_eps(eps: float, p: Mapping[str, Any]) -> float:
     return eps / 2
+
+
+def _report_reach(eps: float, p: Mapping[str, Any]) -> float:
+    return reach(eps, p["alpha"], p["steps"], p["norm"])
 
 
 _MADRY = MappingProxyType({"alpha": _madry})
@@ -156,6 +167,8 @@ ATTACKS: dict[AttackName, AttackEntry] = {
     AttackName.APGD_DLR_MEAN_LOGITS_L2: _apgd(Norm.L2, loss="dlr", ensemble="mean-logits"),
     AttackName.APGD_CE_MEMBER_SUM_L2: _apgd(Norm.L2, loss="ce", ensemble="member-sum"),
     AttackName.APGD_MORA_L2: _apgd(Norm.L2, loss="ce", ensemble="mora"),
+    AttackName.PGD_LINF_REPORT: AttackEntry(report_pgd, fixed={"norm": Norm.LINF}, budget=_report_reach),
+    AttackName.PGD_L2_REPORT: AttackEntry(report_pgd, fixed={"norm": Norm.L2}, budget=_report_reach),
 }
 
 ONE_STEP_VERSION: dict[AttackName, AttackName] = {
@@ -182,6 +195,11 @@ class AttackSpec:
             raise ValueError(f"attack {self.name.value!r} takes no parameter(s) {sorted(unknown)}; "
                              f"allowed: {sorted(ATTACKS[self.name].tunable())}")
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+    def budget(self) -> float:
+        """The norm bound its perturbations must respect: eps, or the entry's own reach."""
+        entry = ATTACKS[self.name]
+        return self.eps if entry.budget is None else float(entry.budget(self.eps, entry.resolve(self.eps, self.params)))
 
     def resolved_params(self) -> dict[str, Any]:
         """Every keyword argument the attack function gets except eps and generator, with the

@@ -169,9 +169,10 @@ class DeviceBatches:
         self.seed, self._epoch, self._batch = int(state["seed"]), int(state["epoch"]), int(state["batch"])
 
 
-def train_val_split(images: torch.Tensor, labels: torch.Tensor, val_size: int | float, seed: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train_images, train_labels, val_images, val_labels): a seeded random hold-out, order kept.
+def train_val_split(images: torch.Tensor, labels: torch.Tensor, val_size: int | float, seed: int, *,
+                    head: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train_images, train_labels, val_images, val_labels): a seeded random hold-out, order kept,
+    or with `head` the first `val_size` images (the split of the DVERGE report's code).
 
     `val_size` is a count (int >= 1) or a fraction in (0, 1); both parts must be non-empty.
     """
@@ -190,7 +191,7 @@ def train_val_split(images: torch.Tensor, labels: torch.Tensor, val_size: int | 
         raise DataError(f"val_size={val_size!r} gives {count} of {n} examples for validation; "
                         f"need between 1 and {n - 1}")
     gen = torch.Generator().manual_seed(_derive_seed(seed, 0x5EED))
-    order = torch.randperm(n, generator=gen)
+    order = torch.arange(n) if head else torch.randperm(n, generator=gen)
     val_idx, train_idx = order[:count].sort().values, order[count:].sort().values
     val_idx, train_idx = val_idx.to(images.device), train_idx.to(images.device)
     return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]

@@ -119,3 +119,13 @@ def paired_eps_table(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], l
         rows.append([model, "?" if n is None else str(n), clean]
                     + [" / ".join(cell((a, e)) for e in sorted(eps_of[a])) for a in attacks])
     return header, rows
+
+
+def curve_table(curve: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The DVERGE authors' transferability curve, one row per eps: white-box, each transfer attack,
+    and the transfer worst case, in %."""
+    keys = [k for k in ("whitebox", "pgd-linf", "m-di2-fgsm", "sgm", "transfer") if any(k in row for row in curve)]
+    names = {"whitebox": "white-box PGD-50", "transfer": "transfer (worst case)"}
+    header = ["eps", *(names.get(k, f"transfer {k}") for k in keys)]
+    rows = [[f"{row['eps']:g}", *(f"{100 * row[k]:.1f}" if k in row else "-" for k in keys)] for row in curve]
+    return header, rows

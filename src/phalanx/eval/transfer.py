@@ -264,14 +264,14 @@ def surrogate_names(meta: Mapping[str, Any]) -> str:
 
 
 def evaluate_transfer(target_run_dir: str | Path, transfer_set_path: str | Path, *, device: str | None = None,
-                      batch_size: int = 500) -> dict[str, Any]:
+                      batch_size: int = 500, out_name: str | None = "transfer.json") -> dict[str, Any]:
     """Accuracy of each member and the mixture of the target run on a stored transfer set.
 
     Records (source "transfer:<surrogate run names>"): clean, then each stored attack, then one
     "strongest" record per (model, norm, eps): the per-example worst case over the stored attacks.
     Each record has its n and `ci95` (`stats.add_ci95`). Sanity checks run on the records, plus
     "white-box not above transfer" when the target has `eval/whitebox.json`. Writes
-    `eval/transfer.json` in the target run directory and returns it.
+    `eval/<out_name>` in the target run directory (nothing when `out_name` is None) and returns it.
     """
     from phalanx.runs import read_run_config
 
@@ -323,7 +323,8 @@ def evaluate_transfer(target_run_dir: str | Path, transfer_set_path: str | Path,
            "transfer_set": str(transfer_set_path), "transfer_set_hash": meta["hash"],
            "surrogate_runs": meta["surrogate_runs"], "command": meta["command"],
            "wall_time_s": time.perf_counter() - started, "results": records, "sanity": sanity}
-    write_eval_json(run_dir, "transfer.json", doc)
+    if out_name is not None:
+        write_eval_json(run_dir, out_name, doc)
     return doc
 
 

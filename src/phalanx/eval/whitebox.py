@@ -94,7 +94,7 @@ def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, exampl
 def evaluate_whitebox(mixture: Mixture, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[AttackConfig], *,
                       examples: int | None = None, clean_repeats: int = 1, seed: int = 0, batch_size: int = 500,
                       progress: bool = False, large_eps: float | None = None, suites: Sequence[SuiteConfig] = (),
-                      check_convergence: bool = False) -> list[dict[str, Any]]:
+                      check_convergence: bool = False, models: str = "all") -> list[dict[str, Any]]:
     """Clean and white-box adversarial accuracy of every member and of the mixture, sanity-checked.
 
     Each model is attacked through its own gradients (a member alone, or the whole mixture).
@@ -109,7 +109,7 @@ def evaluate_whitebox(mixture: Mixture, x: torch.Tensor, y: torch.Tensor, attack
     `large_eps`, each model also gets a PGD-Linf record at that eps (`sanity.large_eps_check`) that
     warns unless accuracy falls to ~0. The records are checked by `sanity.apply_sanity_checks`:
     violations are appended to the offending record's `warnings`; call it again on the records
-    (idempotent) for the document's `sanity` section.
+    (idempotent) for the document's `sanity` section. `models` "mixture" skips the members.
     """
     n = len(y) if examples is None else min(examples, len(y))
     xs, ys = x[:n], y[:n]
@@ -117,6 +117,8 @@ def evaluate_whitebox(mixture: Mixture, x: torch.Tensor, y: torch.Tensor, attack
     masks: dict[tuple[str, str, float], list[tuple[str, torch.Tensor]]] = {}
     clean_masks: dict[str, torch.Tensor] = {}
     for name, model in named_models(mixture):
+        if models == "mixture" and name != "mixture":
+            continue
         started = time.perf_counter()
         mean, std = clean_accuracy(model, x, y, examples=n, repeats=clean_repeats, seed=seed, batch_size=batch_size)
         records.append({"model": name, "attack": "clean", "eps": 0.0, "accuracy": mean, "accuracy_std": std,
@@ -129,11 +131,11 @@ def evaluate_whitebox(mixture: Mixture, x: torch.Tensor, y: torch.Tensor, attack
             if ATTACKS[spec.name].ensemble_only and not is_ensemble(model):
                 continue  # an ensemble objective; a single member has only its own output
             label = f"{name} {cfg.name} eps={cfg.eps:g}" if progress else None
-            record, correct = _attack_record(name, model, spec, xs, ys, seed=seed, batch_size=batch_size, progress=label)
+            record, correct = attack_record(name, model, spec, xs, ys, seed=seed, batch_size=batch_size, progress=label)
             masks.setdefault((name, record["params"]["norm"], cfg.eps), []).append((cfg.name, correct))
             again = convergence_spec(spec) if check_convergence else None
             if again is not None:
-                longer, longer_correct = _attack_record(name, model, again, xs, ys, seed=seed, batch_size=batch_size,
+                longer, longer_correct = attack_record(name, model, again, xs, ys, seed=seed, batch_size=batch_size,
                                                         progress=f"{label} (convergence)" if progress else None)
                 record["convergence"] = {k: longer[k] for k in ("accuracy", "params", "wall_time_s")}
                 masks[(name, record["params"]["norm"], cfg.eps)].append((f"{cfg.name} (convergence)", longer_correct))
@@ -156,7 +158,7 @@ def evaluate_whitebox(mixture: Mixture, x: torch.Tensor, y: torch.Tensor, attack
     return records
 
 
-def _attack_record(name: str, model: nn.Module, spec: AttackSpec, x: torch.Tensor, y: torch.Tensor, *, seed: int,
+def attack_record(name: str, model: nn.Module, spec: AttackSpec, x: torch.Tensor, y: torch.Tensor, *, seed: int,
                    batch_size: int, progress: str | None) -> tuple[dict[str, Any], torch.Tensor]:
     """One attack on one model: its record (parameters as used) and which examples it left correct."""
     started = time.perf_counter()
@@ -167,7 +169,8 @@ def _attack_record(name: str, model: nn.Module, spec: AttackSpec, x: torch.Tenso
     return {"model": name, "attack": spec.name.value, "eps": spec.eps,
             "accuracy": float(correct.float().mean()) if len(y) else 0.0, "n": len(y), "params": params,
             "source": "white-box", "seed": seed, "wall_time_s": time.perf_counter() - started,
-            "max_perturbation": max_perturbation(x_adv, x, params["norm"])}, correct
+            "max_perturbation": max_perturbation(x_adv, x, params["norm"]),
+            **({"budget": spec.budget()} if spec.budget() != spec.eps else {})}, correct
 
 
 def _suite_records(name: str, model: nn.Module, suite: SuiteConfig, x: torch.Tensor, y: torch.Tensor,

@@ -95,7 +95,7 @@ def load_training_data(cfg: RunConfig) -> SplitData:
     if d.train_subset is not None:
         x, y = x[: d.train_subset], y[: d.train_subset]
     if d.val_size > 0:
-        tx, ty, vx, vy = train_val_split(x, y, d.val_size, cfg.seed)
+        tx, ty, vx, vy = train_val_split(x, y, d.val_size, cfg.seed, head=d.val_from == "head")
         return SplitData(tx, ty, vx, vy, "train-holdout")
     vx, vy = load_dataset(d.dataset, "test", d.root, download=d.download, allow_noncanonical=d.allow_noncanonical)
     return SplitData(x, y, vx, vy, "test")
