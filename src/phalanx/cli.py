@@ -155,7 +155,7 @@ def _eval_protocol(args: argparse.Namespace, protocol: str) -> int:
     print(f"{doc['dataset_display']} — {doc['method']} {doc['arch']} (epoch {doc['epoch']}), mixture accuracy (%) "
           f"under the {LABELS[Protocol.DVERGE_AUTHORS]}; surrogate {doc['surrogate_run']}")
     print(text_table(*curve_table(doc["curve"])))
-    _print_warnings(doc["whitebox"] + doc["transfer"])
+    _print_warnings(doc["results"])
     print(f"\nresults: {Path(args.run_dir) / 'eval' / 'dverge-authors.json'}")
     return 0
 

@@ -137,7 +137,9 @@ def evaluate_report_protocol(run_dir: str | Path, *, device: str | None = None, 
                         "accuracy_std": float(torch.tensor(values).std()), "n": len(values) * _last_batch(len(y)),
                         "repeats": len(values), "params": {"counted_on": "last batch of each pass",
                                                            "batch_size": REPORT_BATCH, "passes": REPORT_PASSES},
-                        "source": "white-box", "seed": cfg.seed, "wall_time_s": time.perf_counter() - t0})
+                        "source": "white-box", "seed": cfg.seed, "wall_time_s": time.perf_counter() - t0,
+                        # clean accuracy on every attacked example, for the sanity checks and for reference
+                        "accuracy_attacked": accuracy(model, x, y, batch_size)})
         for spec in report_attacks():
             t0 = time.perf_counter()
             gen = torch.Generator(device=dev).manual_seed(cfg.seed)
@@ -234,7 +236,7 @@ def evaluate_authors_protocol(run_dir: str | Path, surrogate_run_dir: str | Path
            "method": cfg.train.method, "arch": cfg.model.arch, "epoch": meta["epoch"],
            "surrogate_run": str(surrogate_run_dir), "surrogate_arch": surrogate_arch, "eps": list(eps_grid),
            "transfer_set": str(path), "device": str(dev), "command": _command(),
-           "wall_time_s": time.perf_counter() - started, "whitebox": whitebox, "transfer": transfer["results"],
+           "wall_time_s": time.perf_counter() - started, "results": whitebox + transfer["results"],
            "sanity": apply_sanity_checks(whitebox) + transfer["sanity"],
            "curve": transferability_curve(whitebox, transfer["results"])}
     write_eval_json(run_dir, "dverge-authors.json", doc)

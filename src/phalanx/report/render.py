@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from phalanx.eval.protocols import LABELS
 from phalanx.eval.stats import record_ci95, record_n
 from phalanx.eval.tables import common_n, markdown_table
 from phalanx.files import DamagedFileError, DamagedFileWarning, loads_checked, read_jsonl, write_text_atomic
@@ -183,6 +184,9 @@ def _damaged(message: str, missing: list[str]) -> None:
     warnings.warn(message, DamagedFileWarning, stacklevel=4)
 
 
+PROTOCOL_LABELS = {protocol.value: label for protocol, label in LABELS.items()}
+
+
 def _clean_record(rec: Any, doc: Mapping[str, Any], file: Path) -> dict[str, Any] | None:
     """The record with `eps` and `source` filled in, or None when it lacks what a table needs."""
     if not (isinstance(rec, dict) and isinstance(rec.get("model"), str) and isinstance(rec.get("attack"), str)
@@ -192,6 +196,9 @@ def _clean_record(rec: Any, doc: Mapping[str, Any], file: Path) -> dict[str, Any
     if not _is_number(eps):
         return None
     source = rec.get("source") or doc.get("kind") or (WHITE_BOX if file.stem == "whitebox" else file.stem)
+    protocol = rec.get("protocol", "standard")
+    if protocol != "standard":  # a source's own protocol is never shown in, or compared with, the standard tables
+        source = f"{source}, {PROTOCOL_LABELS.get(protocol, protocol)}"
     warnings = rec.get("warnings") or []
     if isinstance(warnings, str):
         warnings = [warnings]
@@ -352,6 +359,10 @@ def _group_by_source(evals: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str
 
 
 def _source_title(source: str) -> str:
+    if source.endswith(", report protocol"):
+        return ("White-box accuracy (%) under the report protocol: the DVERGE report's own script (unprojected "
+                "5-step PGD, clean accuracy on the last batch of each pass, held-out training images); "
+                "not comparable with the standard tables")
     if source == WHITE_BOX:
         return "White-box accuracy (%)"
     if source.startswith("transfer:"):
