@@ -61,7 +61,8 @@ def test_report_protocol_measures_the_heldout_split_with_the_reports_attacks(run
     assert l2["max_perturbation"] <= l2["budget"] + 1e-5  # ... but not its own reach
     assert not any(r.get("warnings") for r in doc["results"])  # last-batch clean accuracy is not the reference
     clean = next(r for r in doc["results"] if r["model"] == "mixture" and r["attack"] == "clean")
-    assert clean["repeats"] == 10 and clean["n"] == 10 * 6  # 70 = 2 x 32 + 6: a last batch of 6
+    assert clean["repeats"] == 10 and clean["n"] == 10 * 70  # 70 < 256: the last batch is the whole set
+    assert clean["accuracy"] == pytest.approx(clean["accuracy_attacked"])
     saved = json.loads((target / "eval" / "dverge-report.json").read_text())
     assert saved["results"][0]["protocol"] == "dverge-report"
 

@@ -24,6 +24,7 @@ from phalanx.attacks.fgsm import fgsm
 from phalanx.attacks.fgsm_family import ifgsm, l1_momentum, mifgsm, rfgsm
 from phalanx.attacks.pgd import madry_step, pgd
 from phalanx.attacks.square import square
+from phalanx.attacks.transfer_attacks import input_diversity, mdi2fgsm, sgm, skip_gradient, transfer_step
 from phalanx.attacks.registry import (
     ATTACKS,
     ONE_STEP_VERSION,
@@ -61,10 +62,12 @@ __all__ = [
     "fab_t",
     "fgsm",
     "ifgsm",
+    "input_diversity",
     "input_gradient",
     "iterate",
     "l1_momentum",
     "madry_step",
+    "mdi2fgsm",
     "mifgsm",
     "objective_and_logits",
     "pgd",
@@ -73,7 +76,10 @@ __all__ = [
     "rfgsm",
     "run_attack",
     "sample_in_ball",
+    "sgm",
+    "skip_gradient",
     "square",
     "steepest_step",
     "targeted_dlr",
+    "transfer_step",
 ]

@@ -23,6 +23,7 @@ from phalanx.attacks.fgsm_family import ifgsm, mifgsm, rfgsm
 from phalanx.attacks.pgd import madry_step, pgd
 from phalanx.attacks.report_pgd import reach, report_pgd
 from phalanx.attacks.square import square
+from phalanx.attacks.transfer_attacks import mdi2fgsm, sgm, transfer_step
 from phalanx.enums import coerce_enum
 
 
@@ -58,6 +59,9 @@ class AttackName(str, Enum):
     # the DVERGE report's own unprojected attacks (report_pgd.py): its protocol only, never a default
     PGD_LINF_REPORT = "pgd-linf-report"
     PGD_L2_REPORT = "pgd-l2-report"
+    # the DVERGE authors' black-box transfer attacks on surrogate ensembles (transfer_attacks.py)
+    M_DI2_FGSM = "m-di2-fgsm"
+    SGM = "sgm"
 
 
 def coerce_attack_name(name: AttackName | str) -> AttackName:
@@ -111,6 +115,10 @@ def _madry(eps: float, p: Mapping[str, Any]) -> float:
 
 def _half_eps(eps: float, p: Mapping[str, Any]) -> float:
     return eps / 2
+
+
+def _transfer_step(eps: float, p: Mapping[str, Any]) -> float:
+    return transfer_step(eps)
 
 
 def _report_reach(eps: float, p: Mapping[str, Any]) -> float:
@@ -169,6 +177,21 @@ ATTACKS: dict[AttackName, AttackEntry] = {
     AttackName.APGD_MORA_L2: _apgd(Norm.L2, loss="ce", ensemble="mora"),
     AttackName.PGD_LINF_REPORT: AttackEntry(report_pgd, fixed={"norm": Norm.LINF}, budget=_report_reach),
     AttackName.PGD_L2_REPORT: AttackEntry(report_pgd, fixed={"norm": Norm.L2}, budget=_report_reach),
+    # The DVERGE authors' transfer attacks (Yang et al. 2020, section 5); their crafting code is not public:
+    # steps 100: their scripts/evaluation.sh:12 (--steps 100, the count in eval/eval_bbox.py:71's set names);
+    # step eps / 5: assumed, their step in eval/eval_transferability.py:97 and eval/eval_wbox.py:118,163;
+    # p 0.5: eval/eval_bbox.py:71 "mdi2_0.5" (their appendix A; Xie et al.'s too);
+    # mu 1.0: their momentum Linf_PGD (distillation.py:32, mu=1), Xie et al.'s decay;
+    # resize_rate 1.1: assumed, Xie et al.'s 299 -> [299, 330) is x1.10 (no CIFAR bound is published);
+    # gamma 0.2: eval/eval_bbox.py:71 "sgm_0.2" (Wu et al.'s ResNet value);
+    # SGM mu 0: assumed, the SGM authors' attack_sgm.py (--momentum 0.0, no random start); DVERGE's
+    #   momentum set is their separate "mpgd".
+    AttackName.M_DI2_FGSM: AttackEntry(mdi2fgsm, fixed={"norm": Norm.LINF},
+                                       defaults={"steps": 100, "mu": 1.0, "p": 0.5, "resize_rate": 1.1},
+                                       derived={"alpha": _transfer_step}),
+    AttackName.SGM: AttackEntry(sgm, fixed={"norm": Norm.LINF},
+                                defaults={"steps": 100, "gamma": 0.2, "mu": 0.0},
+                                derived={"alpha": _transfer_step}),
 }
 
 ONE_STEP_VERSION: dict[AttackName, AttackName] = {
