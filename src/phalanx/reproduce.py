@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from phalanx.config import RunConfig, load_config
+from phalanx.eval.protocols import evaluate_report_protocol
 from phalanx.eval.run_eval import evaluate_run
 from phalanx.eval.transfer import craft_transfer_set, evaluate_transfer
-from phalanx.eval.tables import accuracy_cell, column_name, common_n, text_table
+from phalanx.eval.tables import accuracy_cell, accuracy_table, column_name, common_n, text_table
 from phalanx.presets import resolve_config_path
 from phalanx.report import write_report
 from phalanx.train.loop import train
@@ -79,7 +80,14 @@ def reproduce(name: str, out_root: Path, *, epochs_scale: float = 1.0, data_dir:
         init = [f"train.init_from={previous}"] if previous is not None else []
         cfg, previous = _train_preset(preset, out_root, epochs_scale, common + init, progress, echo, tensorboard)
     assert previous is not None and cfg is not None
-    if cfg.eval.transfer_from is None:
+    protocol = cfg.paper.get("protocol", "standard")
+    if protocol == "dverge-report":  # the paper measured with its own script: compare under it
+        standard = evaluate_run(previous, progress=progress)
+        echo(f"\n{name} under the standard protocol, epoch {standard.get('epoch', '?')}")
+        echo(text_table(*accuracy_table(standard["results"])))
+        doc = evaluate_report_protocol(previous, progress=progress)
+        kind = "white-box, report protocol"
+    elif cfg.eval.transfer_from is None:
         doc = evaluate_run(previous, progress=progress)
         kind = "white-box"
     else:

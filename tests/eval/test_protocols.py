@@ -119,3 +119,16 @@ def test_report_keeps_protocol_results_apart_from_the_standard_tables(runs, tmp_
     assert "under the report protocol" in text
     standard = text.split("#### White-box accuracy (%)\n")[1].split("####")[0]
     assert "fgsm" in standard and "report" not in standard
+
+
+def test_reproduce_puts_the_reports_columns_beside_report_protocol_records():
+    from phalanx.presets import resolve_config_path
+    from phalanx.reproduce import side_by_side
+
+    paper = dict(load_config(resolve_config_path("dverge-report/table1-vanilla")).paper)
+    assert paper["protocol"] == "dverge-report"
+    records = [{"model": "member1", "attack": a, "eps": e, "accuracy": 0.5, "n": 1024}
+               for a, e in (("clean", 0.0), ("fgsm", 0.03), ("pgd-linf-report", 0.03), ("pgd-l2-report", 0.03))]
+    _, rows = side_by_side(records, paper)
+    assert "—" not in " ".join(rows[0][2:])  # every report column finds its report-protocol record
+    assert rows[0][-1].endswith("/ 43.26")

@@ -400,7 +400,12 @@ def paper_table(cfg: Mapping[str, Any]) -> Table | None:
             for model, values in rows.items()]
     width = len(cols) + 1
     body = [r[:width] + ["—"] * (width - len(r)) for r in body]
-    return Table(["model", *map(str, cols)], body, f"Reported: {paper.get('source', 'paper')}")
+    caption = f"Reported: {paper.get('source', 'paper')}"
+    protocol = paper.get("protocol")
+    if isinstance(protocol, str) and protocol != "standard":
+        caption += (f"; measured by the source's own protocol, so compare with the table under the "
+                    f"{PROTOCOL_LABELS.get(protocol, protocol)}, not with the standard one")
+    return Table(["model", *map(str, cols)], body, caption)
 
 
 # ---------------------------------------------------------------- figures from run data
