@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -256,7 +257,8 @@ def attack_in_batches(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: to
     out = torch.empty_like(x)
     starts: Iterable[int] = range(0, len(x), batch_size)
     if progress is not None:
-        starts = tqdm(starts, desc=progress, total=math.ceil(len(x) / batch_size), unit="batch", leave=False)
+        starts = tqdm(starts, desc=progress, total=math.ceil(len(x) / batch_size), unit="batch", leave=False,
+                      disable=not sys.stderr.isatty())  # a bar in a pipe or CI log redraws into many lines
     for i in starts:
         out[i:i + batch_size] = run_attack(spec, model, x[i:i + batch_size], y[i:i + batch_size], generator)
     return out

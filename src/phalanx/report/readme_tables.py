@@ -3,7 +3,8 @@
 A number in the README is only as good as the file behind it: each table here is rendered from
 `results/` (copies of the `eval/*.json` documents that `phalanx eval` wrote, with the commands
 that made them in `results/COMMANDS.md`), and `python -m phalanx.report.readme_tables` rewrites
-the README's blocks between `<!-- results:NAME -->` and `<!-- /results:NAME -->`. The default
+the README's blocks between `<!-- results:NAME -->` and `<!-- /results:NAME -->` (and draws
+`docs/figures/dverge-blackbox-curve.png` from the same files). The default
 test suite renders them again and fails when the README and `results/` disagree.
 """
 
@@ -117,6 +118,25 @@ def gal_cifar_table(results: Path) -> str:
     return markdown_table(header, rows)
 
 
+CURVE_FIGURE = Path("docs/figures/dverge-blackbox-curve.png")
+
+
+def dverge_curve_figure(results: Path) -> bytes | None:
+    """The curve table as a figure: white-box and transfer accuracy against eps, both ensembles."""
+    from phalanx.report.figures import Curve, Panel, robustness_figure
+
+    docs = [(label, _load(results, stem)) for label, stem in CURVE_RUNS]
+    panels = []
+    for key, title in (("whitebox", "white-box PGD-50 (5 restarts)"),
+                       ("transfer", "transfer from a vanilla ensemble (worst case)")):
+        curves = [Curve(f"{label} ({doc['epoch']} epochs)", [p["eps"] for p in doc["curve"] if key in p],
+                        [p[key] for p in doc["curve"] if key in p]) for label, doc in docs if doc]
+        panels.append(Panel(title, curves))
+    if not any(panel.curves for panel in panels):
+        return None
+    return robustness_figure(panels, title="DVERGE authors' protocol, seed-Conv mixtures on CIFAR-10 (JPEG-decoded copy)")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "dverge-report-tables": dverge_report_table,
     "dverge-blackbox-curve": dverge_curve_table,
@@ -150,10 +170,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{readme} differs from {args.results}/: run python -m phalanx.report.readme_tables", file=sys.stderr)
             return 1
         return 0
-    if new != text:
-        from phalanx.files import write_bytes_atomic
+    from phalanx.files import write_bytes_atomic
 
+    if new != text:
         write_bytes_atomic(readme, new.encode("utf-8"))
+    png = dverge_curve_figure(Path(args.results))
+    if png is not None:
+        path = readme.parent / CURVE_FIGURE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, png)
     return 0
 
 

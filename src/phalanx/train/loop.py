@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 import contextlib
@@ -284,7 +285,9 @@ def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.d
         stream = (batches.epoch_pairs(epoch, start_batch=steps) if method.needs_source_batch
                   else batches.epoch(epoch, start_batch=steps))
         bar = tqdm(stream, total=len(batches), initial=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                   leave=False, disable=not progress, unit="batch")
+                   leave=False, disable=not (progress and sys.stderr.isatty()), unit="batch")
+        # outside a terminal (a pipe, a CI log) the bar would redraw into hundreds of lines: the
+        # one line per epoch below is the progress there
         for item in bar:
             batch = Batch(*item)
             if ctx is None:
