@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from phalanx.attacks import (
-    ATTACKS, REPORT_EVAL, AttackName, AttackSpec, Norm, attack_in_batches, fgsm, pgd, run_attack,
+    ATTACKS, AttackName, AttackSpec, Norm, attack_in_batches, fgsm, pgd, run_attack,
 )
 from phalanx.models import Mixture
 
@@ -287,14 +287,15 @@ def test_arguments_are_keyword_only(net, test_set):
 
 # --- registry ---------------------------------------------------------------------------------
 
-def test_registry_covers_every_name_and_report_preset_matches_section_3_1():
+def test_registry_covers_every_name_and_the_report_protocol_uses_its_scripts_attacks():
+    from phalanx.eval.protocols import report_attacks
+
     assert set(ATTACKS) == set(AttackName)
-    assert [(s.name, s.eps) for s in REPORT_EVAL] == [
-        (AttackName.FGSM, 0.03), (AttackName.PGD_LINF, 0.03), (AttackName.PGD_L2, 0.03)]
-    for spec in REPORT_EVAL[1:]:
-        params = spec.resolved_params()
-        assert (params["alpha"], params["steps"], params["random_start"]) == (0.007, 10, True)
-    assert REPORT_EVAL[2].resolved_params()["norm"] == "l2"
+    assert [(s.name, s.eps) for s in report_attacks()] == [
+        (AttackName.FGSM, 0.03), (AttackName.PGD_LINF_REPORT, 0.03), (AttackName.PGD_L2_REPORT, 0.03)]
+    for spec in report_attacks()[1:]:  # test_project.py: 5 iterations of 0.007, no random start
+        assert (spec.resolved_params()["alpha"], spec.resolved_params()["steps"]) == (0.007, 5)
+    assert report_attacks()[2].resolved_params()["norm"] == "l2"
 
 
 def test_spec_coerces_names_and_rejects_unknown_names_and_parameters():
@@ -330,7 +331,7 @@ def test_run_attack_equals_the_direct_call_and_batches_stay_in_the_ball(spec, ne
 
 def test_attack_in_batches_rejects_a_bad_batch_size(net, test_set):
     with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got 0"):
-        attack_in_batches(REPORT_EVAL[0], net, *test_set, 0)
+        attack_in_batches(AttackSpec(AttackName.FGSM, 0.03), net, *test_set, 0)
 
 
 # --- property -----------------------------------------------------------------------------

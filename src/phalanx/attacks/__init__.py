@@ -28,7 +28,6 @@ from phalanx.attacks.transfer_attacks import input_diversity, mdi2fgsm, sgm, ski
 from phalanx.attacks.registry import (
     ATTACKS,
     ONE_STEP_VERSION,
-    REPORT_EVAL,
     AttackEntry,
     AttackName,
     AttackSpec,
@@ -40,7 +39,6 @@ from phalanx.attacks.registry import (
 __all__ = [
     "ATTACKS",
     "ONE_STEP_VERSION",
-    "REPORT_EVAL",
     "AttackEntry",
     "AttackName",
     "AttackSpec",

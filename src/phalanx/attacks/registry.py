@@ -142,7 +142,7 @@ def _apgd_t(norm: Norm) -> AttackEntry:
 ATTACKS: dict[AttackName, AttackEntry] = {
     AttackName.FGSM: AttackEntry(fgsm, fixed={"norm": Norm.LINF}),
     # PGD: 10 steps of 2.5 * eps / steps with a random start (Madry et al. 2018); the DVERGE report's
-    # fixed step 0.007 is its own protocol (REPORT_EVAL), not a default
+    # fixed step 0.007 belongs to its own protocol (eval/protocols.py), not to a default
     AttackName.PGD_LINF: AttackEntry(pgd, fixed={"norm": Norm.LINF}, derived=_MADRY),
     AttackName.PGD_L2: AttackEntry(pgd, fixed={"norm": Norm.L2}, derived=_MADRY),
     # The GAL paper's evaluation (section 4.1): R-FGSM, I-FGSM and MI-FGSM with k = 10 steps of
@@ -262,11 +262,3 @@ def attack_in_batches(spec: AttackSpec, model: nn.Module, x: torch.Tensor, y: to
     for i in starts:
         out[i:i + batch_size] = run_attack(spec, model, x[i:i + batch_size], y[i:i + batch_size], generator)
     return out
-
-
-REPORT_EVAL: tuple[AttackSpec, ...] = (
-    AttackSpec(AttackName.FGSM, 0.03),
-    AttackSpec(AttackName.PGD_LINF, 0.03, {"alpha": 0.007, "steps": 10, "random_start": True}),
-    AttackSpec(AttackName.PGD_L2, 0.03, {"alpha": 0.007, "steps": 10, "random_start": True}),
-)
-"""The DVERGE report's white-box evaluation (section 3.1): the same eps and step for both norms."""
