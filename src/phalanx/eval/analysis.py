@@ -22,7 +22,9 @@ from phalanx.models import Mixture
 from phalanx.runs import load_members
 from phalanx.train.loop import resolve_device
 
-GAAS_KS = (4, 16, 36, 64)  # the GAL paper's Figure 5
+# The GAL paper's Figure 5 uses k = 4, 25, 36, 64 with regular Hadamard matrices; none of order 25
+# exists (Hadamard orders are 1, 2 or multiples of 4), so 16 stands in for it (docs/fidelity.md)
+GAAS_KS = (4, 16, 36, 64)
 # GAAS radii: CIFAR-10 as the GAL paper's Figure 5; the grey-scale digit sets use their attacks' larger radii.
 GAAS_EPS: dict[DatasetName, tuple[float, ...]] = {
     DatasetName.CIFAR10: (0.03, 0.06, 0.09),
