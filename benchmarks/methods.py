@@ -26,6 +26,7 @@ from benchmarks.dverge import CIFAR
 from phalanx.config import OptimConfig
 from phalanx.memory import keep_freed_memory
 from phalanx.models import Classifier, build_model
+from phalanx.train.adp import Adp, AdpConfig
 from phalanx.train.adversarial import Adversarial, AdversarialConfig
 from phalanx.train.api import Batch
 from phalanx.train.baseline import Baseline, BaselineConfig
@@ -36,6 +37,7 @@ from phalanx.train.gdr import Gdr, GdrConfig
 from phalanx.train.kd import Kd, KdConfig
 from phalanx.train.loop import make_optimizer
 from phalanx.train.rrm import Rrm, RrmConfig
+from phalanx.train.trs import Trs, TrsConfig
 
 
 def _frozen(arch: str) -> nn.Module:
@@ -53,6 +55,8 @@ METHODS: dict[str, Callable[[str], object]] = {
     # double back-propagation alone, at the baseline's batch
     "gal-no-noise": lambda arch: Gal(GalConfig(noise_eps=0.0)),
     "gdr": lambda arch: Gdr(GdrConfig()),
+    "trs": lambda arch: Trs(TrsConfig()),
+    "adp": lambda arch: Adp(AdpConfig()),
     "adversarial-pgd": lambda arch: Adversarial(AdversarialConfig(mode="pgd")),
     "adversarial-fgsm-rs": lambda arch: Adversarial(AdversarialConfig(mode="fgsm-rs")),
     "ensadv": lambda arch: EnsAdv(EnsAdvConfig(static_runs=("bench",)), static_models=[_frozen(arch)]),

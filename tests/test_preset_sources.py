@@ -19,8 +19,8 @@ from phalanx.presets import PRESET_ROOT, list_presets
 
 # What a comment may cite. A new source is added here, once, with its name as presets write it.
 SOURCE = re.compile(
-    r"\breport\b|DVERGE (authors|paper)|GAL paper|GDR (blog|preprint)|RRM (slides|authors)"
-    r"|Madry|Wong et al|Tramèr|Kurakin|Hinton|Croce|AutoAttack"
+    r"\breport\b|DVERGE (authors|paper)|GAL paper|GDR (blog|preprint)|RRM (slides|authors)|TRS authors"
+    r"|ADP (paper|authors)|Madry|Wong et al|Tramèr|Kurakin|Hinton|Croce|AutoAttack"
 )
 ASSUMED = re.compile(r"\bassumed: *\S")
 EXEMPT_TOP = {"name", "paper"}

@@ -24,7 +24,19 @@ SETTINGS = ["data.dataset=digits", "data.train_subset=200", "data.val_size=0", "
 DVERGE = ["train.method=dverge", "method.distill.steps=2"]
 
 
-@pytest.mark.parametrize("method", [[], DVERGE], ids=["baseline", "dverge"])
+# ADP: the members' coupled objective on each rank's shard (a per-example mean, so the weighted
+# shard means give the global mean)
+ADP = ["train.method=adp"]
+
+
+# TRS: CE, |cos| and squared-norm terms by double back-propagation, per-example means (the
+# smoothness scaled by a fixed smooth_batch, not the shard's size); delta 0: no random draws, whose
+# per-shard starts are equally distributed but not bit-equal to one process's
+TRS = ["train.method=trs", "method.init_delta=0", "method.final_delta=0", "method.lambda_a=1",
+       "method.smooth_batch=8"]
+
+
+@pytest.mark.parametrize("method", [[], DVERGE, ADP, TRS], ids=["baseline", "dverge", "adp", "trs"])
 def test_two_gloo_processes_match_one_process(tmp_path, method):
     settings = SETTINGS + method
     single = train(load_config(None, settings), tmp_path / "single", progress=False)

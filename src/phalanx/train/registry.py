@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from phalanx.config import ConfigError, from_mapping
+from phalanx.train.adp import Adp, AdpConfig
 from phalanx.train.adversarial import Adversarial, AdversarialConfig
 from phalanx.train.api import TrainingMethod
 from phalanx.train.baseline import Baseline, BaselineConfig
@@ -15,16 +16,19 @@ from phalanx.train.gal import Gal, GalConfig
 from phalanx.train.gdr import Gdr, GdrConfig
 from phalanx.train.kd import Kd, KdConfig
 from phalanx.train.rrm import Rrm, RrmConfig
+from phalanx.train.trs import Trs, TrsConfig
 
 METHODS: dict[str, tuple[type, type]] = {
     "baseline": (BaselineConfig, Baseline),
     "dverge": (DvergeConfig, Dverge),
     "dverge-advt": (DvergeAdvtConfig, Dverge),
     "gal": (GalConfig, Gal),
+    "adp": (AdpConfig, Adp),
     "adversarial": (AdversarialConfig, Adversarial),
     "ensadv": (EnsAdvConfig, EnsAdv),
     "ensadv+gal": (EnsAdvGalConfig, EnsAdv),
     "gdr": (GdrConfig, Gdr),
+    "trs": (TrsConfig, Trs),
     "rrm": (RrmConfig, Rrm),
     "kd": (KdConfig, Kd),
 }
