@@ -230,7 +230,7 @@ def load_members(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{run_dir} has no complete checkpoint yet")
     check_identity(run_dir, cfg, ckpt)
     warn_if_in_use(run_dir, f"its checkpoint at {describe(ckpt)} ({ckpt.path.name})")
-    members = build_members(cfg, dataset_info(cfg.data.dataset).spec)
+    members = build_members(cfg, dataset_info(cfg.data.dataset, cfg.data.root).spec)
     unpack_members(ckpt.tensors, members)
     return [m.to(device) for m in members], cfg, ckpt.meta
 

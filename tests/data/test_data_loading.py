@@ -32,9 +32,10 @@ def _mnist(datafiles, folder: Path, split: str = "train", seed: int = 0
 
 # --- names, info, digits -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", ["cifar100", "MNIST", ""])
+@pytest.mark.parametrize("bad", ["cifar1000", "MNIST", "", "folder"])
 def test_unknown_dataset_is_refused_with_the_allowed_names(bad: str) -> None:
-    with pytest.raises(DataError, match=rf"unknown dataset '{bad}'.*'digits'.*'cifar10'"):
+    message = rf"unknown dataset '{bad}'.*'digits'.*'cifar10'.*'cifar100'.*'svhn'.*'image-folder'"
+    with pytest.raises(DataError, match=message):
         load_dataset(bad, "train")
 
 
@@ -49,8 +50,8 @@ def test_dataset_info_accepts_strings_and_enums() -> None:
     assert (info.spec.channels, info.spec.size, info.spec.num_classes) == (3, 32, 10)
     assert len(info.class_names) == 10 and info.display_name == "CIFAR-10"
     assert dataset_info("digits").spec.size == 16
-    with pytest.raises(DataError, match="unknown dataset 'svhn'"):
-        dataset_info("svhn")
+    with pytest.raises(DataError, match="unknown dataset 'stl10'"):
+        dataset_info("stl10")
 
 
 def test_digits_needs_no_root_and_is_upsampled_by_nearest_neighbour() -> None:

@@ -9,3 +9,7 @@ class DataError(ValueError):
 
 class NoncanonicalDataWarning(UserWarning):
     """Data were loaded from files whose checksum is not the canonical one (on request)."""
+
+
+class DataCacheWarning(UserWarning):
+    """An image folder's cache could not be written; its images were decoded and will be again next time."""

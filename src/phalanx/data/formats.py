@@ -16,11 +16,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from phalanx.data.errors import DataError
+from phalanx.data.matv5 import read_mat_v5
 
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
-CIFAR_RECORD = 1 + 3 * 32 * 32
-NUM_CLASSES = 10
+CIFAR_PIXELS = 3 * 32 * 32
 
 
 def gunzip(data: bytes, source: str) -> bytes:
@@ -65,23 +65,30 @@ def parse_idx_labels(raw: bytes, source: str, count: int) -> np.ndarray:
     return labels
 
 
-def check_labels(labels: np.ndarray, source: str) -> None:
-    bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+def check_labels(labels: np.ndarray, source: str, num_classes: int = 10) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         i = int(bad[0])
         raise DataError(f"{source}: label {int(labels[i])} at index {i} ({bad.size} bad in all); "
-                        f"labels must be in 0..{NUM_CLASSES - 1}")
+                        f"labels must be in 0..{num_classes - 1}")
 
 
-def parse_cifar_binary(raw: bytes, source: str, records: int) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 binary batch: `records` rows of 1 label byte + 3072 pixel bytes (R, G, B planes)."""
-    if len(raw) != records * CIFAR_RECORD:
-        raise DataError(f"{source}: {len(raw)} bytes, expected {records} records of {CIFAR_RECORD} bytes "
-                        f"= {records * CIFAR_RECORD}; the file is truncated or not a CIFAR-10 binary batch")
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(records, CIFAR_RECORD)
-    labels = rows[:, 0].astype(np.int64)
-    check_labels(labels, source)
-    return rows[:, 1:].reshape(records, 3, 32, 32), labels
+def parse_cifar_binary(raw: bytes, source: str, records: int, *, label_bytes: int = 1,
+                       num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR binary batch: `records` rows of `label_bytes` label bytes + 3072 pixel bytes (R, G, B
+    planes).
+
+    CIFAR-10 has one label byte; CIFAR-100 two (coarse, fine): the class is the last one.
+    """
+    record = label_bytes + CIFAR_PIXELS
+    if len(raw) != records * record:
+        raise DataError(f"{source}: {len(raw)} bytes, expected {records} records of {record} bytes "
+                        f"= {records * record}; the file is truncated or not a CIFAR binary batch "
+                        "of this dataset")
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(records, record)
+    labels = rows[:, label_bytes - 1].astype(np.int64)
+    check_labels(labels, source, num_classes)
+    return rows[:, label_bytes:].reshape(records, 3, 32, 32), labels
 
 
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
@@ -110,7 +117,7 @@ def _numpy_reconstructors() -> dict[tuple[str, str], object]:
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only; any other global is refused before it is loaded.
 
-    The CIFAR-10 python version is a pickle; a plain `pickle.load` would run whatever a tampered
+    The CIFAR python versions are pickles; a plain `pickle.load` would run whatever a tampered
     file asks for. Only the callables needed to rebuild an ndarray are resolved here.
     """
 
@@ -123,7 +130,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         found = self.allowed.get((module, name))
         if found is None:
             raise DataError(f"{self.source}: the pickle asks for {module}.{name}, which is not allowed "
-                            "(only numpy arrays and plain containers are); the file is not a CIFAR-10 batch "
+                            "(only numpy arrays and plain containers are); the file is not a CIFAR batch "
                             "and was not loaded")
         return found
 
@@ -137,25 +144,54 @@ def restricted_loads(raw: bytes, source: str) -> object:
         raise DataError(f"{source}: not a readable pickle ({type(exc).__name__}: {exc})") from None
 
 
-def parse_cifar_python(raw: bytes, source: str, records: int) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 python batch: a dict with `data` (records x 3072 uint8) and `labels` (records ints)."""
+def parse_cifar_python(raw: bytes, source: str, records: int, *, label_key: str = "labels",
+                       num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python batch: a dict with `data` (records x 3072 uint8) and `label_key` (records ints)."""
     obj = restricted_loads(raw, source)
     if not isinstance(obj, dict):
         raise DataError(f"{source}: the pickle holds a {type(obj).__name__}, "
-                        "expected a dict with 'data' and 'labels'")
+                        f"expected a dict with 'data' and {label_key!r}")
     entries = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
-    data, labels = entries.get("data"), entries.get("labels")
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (records, 3072):
+    data, labels = entries.get("data"), entries.get(label_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape != (records, CIFAR_PIXELS):
         shape = getattr(data, "shape", None)
         raise DataError(f"{source}: 'data' is {type(data).__name__} {getattr(data, 'dtype', '')} "
                         f"of shape {shape}, "
-                        f"expected a uint8 array of shape ({records}, 3072)")
+                        f"expected a uint8 array of shape ({records}, {CIFAR_PIXELS})")
     if not isinstance(labels, (list, np.ndarray)) or len(labels) != records:
-        raise DataError(f"{source}: 'labels' is {type(labels).__name__} of length "
+        raise DataError(f"{source}: {label_key!r} is {type(labels).__name__} of length "
                         f"{len(labels) if hasattr(labels, '__len__') else '?'}, expected {records} labels")
     labels = np.asarray(labels, dtype=np.int64)
-    check_labels(labels, source)
+    check_labels(labels, source, num_classes)
     return data.reshape(records, 3, 32, 32), labels
+
+
+def parse_svhn(raw: bytes, source: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """An SVHN cropped-digits .mat file: `X` (32 x 32 x 3 x count uint8) and `y` (count x 1, 1..10).
+
+    The label 10 stands for the digit 0 (SVHN's convention) and becomes 0, so labels are the digits.
+    """
+    # the largest variable, X, is 3072 bytes per image; a little room for y and the headers
+    arrays = read_mat_v5(raw, source, ("X", "y"), max_bytes=CIFAR_PIXELS * count + (1 << 20))
+    missing = [name for name in ("X", "y") if name not in arrays]
+    if missing:
+        raise DataError(f"{source}: no variable {' or '.join(map(repr, missing))} (found: "
+                        f"{', '.join(map(repr, arrays)) or 'none'}); an SVHN cropped-digits file holds "
+                        f"X (32 x 32 x 3 x {count} uint8 images) and y ({count} x 1 labels)")
+    x, y = arrays["X"], arrays["y"]
+    if x.dtype != np.uint8 or x.shape != (32, 32, 3, count):
+        raise DataError(f"{source}: X is {x.dtype} of shape {x.shape}, "
+                        f"expected uint8 of shape (32, 32, 3, {count})")
+    if y.shape != (count, 1):
+        raise DataError(f"{source}: y has shape {y.shape}, expected ({count}, 1)")
+    values = y[:, 0]
+    bad = np.flatnonzero((values != np.round(values)) | (values < 1) | (values > 10))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(f"{source}: label {values[i]:g} at index {i} ({bad.size} bad in all); "
+                        "SVHN labels must be 1..10 (10 stands for the digit 0)")
+    labels = values.astype(np.int64) % 10
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), labels
 
 
 def read_tar_members(archive: Path, wanted: list[str]) -> dict[str, bytes]:
@@ -171,7 +207,7 @@ def read_tar_members(archive: Path, wanted: list[str]) -> dict[str, bytes]:
                 path = PurePosixPath(member.name)
                 if path.is_absolute() or ".." in path.parts:
                     raise DataError(f"{archive}: member {member.name!r} points outside the archive; "
-                                    "refusing to read it (only the expected CIFAR-10 files are allowed)")
+                                    "refusing to read it (only the expected dataset files are allowed)")
                 if member.name not in wanted:
                     continue
                 if not member.isfile():
@@ -187,7 +223,8 @@ def read_tar_members(archive: Path, wanted: list[str]) -> dict[str, bytes]:
                         "the file is truncated or corrupted: delete it and download it again") from None
     missing = [name for name in wanted if name not in found]
     if missing:
-        raise DataError(f"{archive}: missing member(s) {', '.join(missing)}; not a complete CIFAR-10 archive")
+        raise DataError(f"{archive}: missing member(s) {', '.join(missing)}; "
+                        "not a complete archive of this dataset")
     return found
 
 

@@ -10,20 +10,29 @@ from phalanx.data.errors import DataError, NoncanonicalDataWarning
 from phalanx.data.registry import KNOWN_COPIES
 
 _CHUNK = 1 << 20
-_MD5_CACHE: dict[tuple[str, int, int], str] = {}
+_DIGESTS: dict[tuple[str, str, int, int], str] = {}
 
 
 def md5_file(path: Path) -> str:
     """md5 hex digest of a file, remembered while the file's size and mtime are unchanged."""
+    return _digest_file(path, "md5")
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 hex digest of a file, remembered while the file's size and mtime are unchanged."""
+    return _digest_file(path, "sha256")
+
+
+def _digest_file(path: Path, algorithm: str) -> str:
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    cached = _MD5_CACHE.get(key)
+    key = (algorithm, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    cached = _DIGESTS.get(key)
     if cached is None:
-        digest = hashlib.md5(usedforsecurity=False)
+        digest = hashlib.new(algorithm, usedforsecurity=False)
         with open(path, "rb") as handle:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
-        cached = _MD5_CACHE[key] = digest.hexdigest()
+        cached = _DIGESTS[key] = digest.hexdigest()
     return cached
 
 

@@ -31,6 +31,10 @@ GAAS_EPS: dict[DatasetName, tuple[float, ...]] = {
     DatasetName.MNIST: (0.1, 0.2, 0.3),
     DatasetName.FASHION_MNIST: (0.1, 0.2, 0.3),
     DatasetName.DIGITS: (0.1, 0.2, 0.3),
+    # No GAL figure for these colour sets: they take CIFAR-10's radii, as the attacks' usual 8/255 scale.
+    DatasetName.CIFAR100: (0.03, 0.06, 0.09),
+    DatasetName.SVHN: (0.03, 0.06, 0.09),
+    DatasetName.IMAGE_FOLDER: (0.03, 0.06, 0.09),
 }
 COHERENCE_THRESHOLD = 0.5  # the summary's "strongly aligned" fraction: coherence above this
 

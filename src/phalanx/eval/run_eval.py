@@ -76,7 +76,7 @@ def evaluate_run(run_dir: str | Path, *, attacks: Sequence[AttackConfig] | None 
 
 def display_name(cfg: RunConfig, load_warnings: Sequence[str] = ()) -> str:
     """The dataset's name for tables; a non-canonical copy is never called by the plain name."""
-    name = dataset_info(cfg.data.dataset).display_name
+    name = dataset_info(cfg.data.dataset, cfg.data.root).display_name
     if any("JPEG-decoded" in w for w in load_warnings):
         return f"{name} (JPEG-decoded copy)"
     if any("not the canonical" in w or "could not be verified" in w for w in load_warnings):

@@ -61,6 +61,10 @@ GAL_TRANSFER_ATTACKS: dict[str, tuple[AttackConfig, ...]] = {
     "mnist": _gal((0.1, 0.3)),
     "fashion-mnist": _gal((0.1, 0.3)),
     "digits": _gal((0.1, 0.3)),
+    # Not in the paper: the colour sets take CIFAR-10's radii.
+    "cifar100": _gal((0.03, 0.09)),
+    "svhn": _gal((0.03, 0.09)),
+    "image-folder": _gal((0.03, 0.09)),
 }
 
 

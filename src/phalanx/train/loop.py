@@ -196,7 +196,7 @@ def _check_init_from(cfg: RunConfig) -> None:
 def _initial_members(cfg: RunConfig) -> list[Classifier]:
     """Freshly seeded members, or those of `train.init_from` (checked by `_check_init_from`)."""
     if not cfg.train.init_from:
-        return build_members(cfg, dataset_info(cfg.data.dataset).spec)
+        return build_members(cfg, dataset_info(cfg.data.dataset, cfg.data.root).spec)
     try:
         members, _, _ = load_members(cfg.train.init_from, "cpu")
     except (RunDirError, ConfigError, CheckpointError) as exc:
@@ -225,7 +225,7 @@ class _EpochProgress:
 
 def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.device,
                   ctx: DistContext | None, start: _Start, board: TensorboardLog | None = None) -> Path:
-    info = dataset_info(cfg.data.dataset)
+    info = dataset_info(cfg.data.dataset, cfg.data.root)
     data, method = start.data, start.method
     members = [m.to(device) for m in start.members]
     extra = _method_parameters(method, members, cfg.seed, device)
@@ -416,7 +416,7 @@ def _save(run_dir: Path, cfg: RunConfig, epoch: int, members: Sequence[Classifie
 
     A method with a `state_dict()` (its own trained tensors) has them saved under `method.`.
     """
-    spec = dataset_info(cfg.data.dataset).spec
+    spec = dataset_info(cfg.data.dataset, cfg.data.root).spec
     optim_tensors, optim_plain = pack_optimizer(optimizer)
     tensors = {**pack_members(members), **optim_tensors, "rng.method": rng.get_state()}
     if hasattr(method, "state_dict"):
