@@ -200,6 +200,26 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_league(args: argparse.Namespace) -> int:
+    import shlex
+
+    from phalanx.eval.tables import CI_NOTE, text_table
+    from phalanx.league import league_table, league_title, load_league_config, run_league
+
+    cfg = load_league_config(resolve_config_path(args.config), args.set)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    doc = run_league(cfg, out, progress=not args.quiet, echo=print,
+                     command=shlex.join(["phalanx", *sys.argv[1:]]))
+    print(f"\n{league_title(doc)}")
+    print(CI_NOTE)
+    print(text_table(*league_table(doc)))
+    notes = [f"  ! {method}: {w}" for method, entry in doc["defenses"].items() for w in entry["warnings"]]
+    if notes:
+        print("\nSANITY WARNINGS (gradient masking or a broken evaluation?):", *notes, sep="\n")
+    print(f"\nresults: {out / 'league.json'}\nreport: {out / 'league.md'} (figure {out / 'league.png'})")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from phalanx.report import write_report
 
@@ -316,6 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tensorboard_flag(p)
     p.add_argument("--quiet", action="store_true", help="print only the final table")
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("league", help="train every ensemble defense on one budget and compare them under one "
+                                      "protocol (league.json, league.md, league.png)")
+    p.add_argument("config", help="a league YAML file or preset, e.g. league/digits (see `phalanx presets`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a league value, e.g. --set epochs=5 --set 'methods=[baseline,gal]' "
+                        "--set overrides.gal.method.gal_lambda=1.0 (repeatable)")
+    p.add_argument("--out", help="folder for the runs and the report (default: runs/NAME); the runs in an "
+                                 "existing one with the same configuration are reused")
+    p.add_argument("--quiet", action="store_true", help="print only the final table")
+    p.set_defaults(func=cmd_league)
 
     p = sub.add_parser("report", help="write report.md and report.html for one run or a comparison of several")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

@@ -337,18 +337,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r} is not allowed; expected KEY.PATH=VALUE, e.g. train.epochs=5")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0]
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({first})") from None
+        set_key(data, key, value, f"--set {item!r}")
     return data
+
+
+def set_key(data: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Set `key.path` of a nested mapping to `value`, creating sections on the way; `where` names
+    the setting in the error when a part of the path is not a section."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: {part!r} is not a section")
+    node[parts[-1]] = value
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -123,7 +123,8 @@ def _surrogate_identity(run_dir: Path) -> dict[str, Any]:
 
 
 def transfer_set_params(surrogate_run_dirs: Sequence[str | Path], attacks: Sequence[AttackConfig | AttackSpec], *,
-                        examples: int | None, seed: int, surrogate_loss: str = "average") -> dict[str, Any]:
+                        examples: int | None, seed: int, surrogate_loss: str = "average",
+                        first: bool = False) -> dict[str, Any]:
     """Every parameter that determines a transfer set's content (hashed into its file name)."""
     from phalanx.runs import read_run_config
 
@@ -142,25 +143,31 @@ def transfer_set_params(surrogate_run_dirs: Sequence[str | Path], attacks: Seque
         _attack_loss(s)
     return {"format": FORMAT, "dataset": datasets.pop(), "split": "test", "examples": examples, "seed": seed,
             "surrogates": [_surrogate_identity(d) for d in dirs], "surrogate_loss": surrogate_loss,
-            "dtype": "float32", "attacks": [_describe(s) for s in specs]}
+            "dtype": "float32", "attacks": [_describe(s) for s in specs],
+            **({"selection": "first"} if first else {})}  # absent for a random draw: older sets keep their hash
 
 
 def params_hash(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _select(n_total: int, examples: int | None, seed: int) -> torch.Tensor:
-    """Which test examples: a seeded random subset of `examples`, in increasing index order."""
+def _select(n_total: int, examples: int | None, seed: int, first: bool = False) -> torch.Tensor:
+    """Which test examples: a seeded random subset of `examples`, in increasing index order, or with
+    `first` the first `examples` (those a white-box evaluation of `examples` attacks)."""
     if examples is None or examples >= n_total:
         return torch.arange(n_total)
+    if first:
+        return torch.arange(examples)
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:examples].sort().values
 
 
 def craft_transfer_set(surrogate_run_dirs: Sequence[str | Path], attacks: Sequence[AttackConfig | AttackSpec], *,
                        examples: int | None, seed: int, out_path: str | Path, batch_size: int = 500,
-                       device: str | None = None, command: str = "", surrogate_loss: str = "average") -> Path:
+                       device: str | None = None, command: str = "", surrogate_loss: str = "average",
+                       first: bool = False) -> Path:
     """Craft (or reuse) the adversarial examples of `attacks` on the surrogate made of all members of
-    `surrogate_run_dirs`, for `examples` test examples drawn with `seed`; returns the .safetensors path.
+    `surrogate_run_dirs`, for `examples` test examples drawn with `seed` (with `first`, the first
+    `examples`, as a white-box evaluation takes them); returns the .safetensors path.
 
     `out_path` is a directory; the set is `out_path/transfer-<hash>.safetensors` with its sidecar
     `.json`, the hash covering `transfer_set_params`. An existing complete set (its sidecar is
@@ -169,7 +176,7 @@ def craft_transfer_set(surrogate_run_dirs: Sequence[str | Path], attacks: Sequen
     `command` is recorded in the sidecar (the exact command line that made the set).
     """
     params = transfer_set_params(surrogate_run_dirs, attacks, examples=examples, seed=seed,
-                                 surrogate_loss=surrogate_loss)
+                                 surrogate_loss=surrogate_loss, first=first)
     digest = params_hash(params)
     out_dir = Path(out_path)
     path = out_dir / f"transfer-{digest}.safetensors"
@@ -191,7 +198,7 @@ def craft_transfer_set(surrogate_run_dirs: Sequence[str | Path], attacks: Sequen
     members = [m.to(dev).eval() for m in members]
     x_u8, y_all = load_dataset(cfg.data.dataset, "test", cfg.data.root, download=cfg.data.download,
                                allow_noncanonical=cfg.data.allow_noncanonical)
-    idx = _select(len(y_all), examples, seed)
+    idx = _select(len(y_all), examples, seed, first)
     x = x_u8[idx].to(dev).float().div_(255)
     y = y_all[idx].to(dev)
     specs = [_spec(a) for a in attacks]

@@ -206,6 +206,46 @@ def interval_bars_figure(bars: Sequence[Bar], *, title: str, ylabel: str = "accu
     return _png(fig)
 
 
+@dataclass(frozen=True)
+class LeaguePoint:
+    """One defense of a league: clean and robust accuracy in [0, 1], each with its 95% interval."""
+
+    label: str
+    clean: float
+    robust: float
+    clean_ci95: tuple[float, float] | None = None
+    robust_ci95: tuple[float, float] | None = None
+
+
+def _interval_error(value: float, ci95: tuple[float, float] | None) -> list[list[float]] | None:
+    return None if ci95 is None else [[100 * (value - ci95[0])], [100 * (ci95[1] - value)]]
+
+
+def league_figure(points: Sequence[LeaguePoint], *, title: str, robust_label: str = "robust accuracy (%)") -> bytes:
+    """Robust accuracy against clean accuracy, one point per defense with its 95% intervals on both
+    axes; the dotted diagonal is robust = clean (no point can lie above it). Each defense has its own
+    marker, black or white-filled, named in the legend, so the figure reads without colour (points
+    that coincide overlap: the table beside the figure has the numbers)."""
+    fig = _new_figure(7.8, 5.0)
+    ax = fig.subplots()
+    ax.plot([0, 100], [0, 100], linestyle=":", color="grey", linewidth=1, label="robust = clean", zorder=1)
+    for k, (point, (_, marker)) in enumerate(zip(points, cycle(_STYLES))):
+        ax.errorbar(100 * point.clean, 100 * point.robust, xerr=_interval_error(point.clean, point.clean_ci95),
+                    yerr=_interval_error(point.robust, point.robust_ci95), fmt=marker, color="black",
+                    markerfacecolor="black" if k % 2 == 0 else "white", markersize=8, capsize=3, elinewidth=1,
+                    label=point.label, zorder=3)
+    lows = [100 * (p.clean_ci95[0] if p.clean_ci95 else p.clean) for p in points]
+    highs = [100 * (p.robust_ci95[1] if p.robust_ci95 else p.robust) for p in points]
+    ax.set_xlim(max(0.0, min(lows, default=0.0) - 5), 101)
+    ax.set_ylim(0, min(101.0, max(highs, default=100.0) + 8))
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel(robust_label)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
 def _eps_tick(value: float, _pos: int) -> str:
     return "0\n(clean)" if abs(value) < 1e-9 else eps_label(value / 255)
 
