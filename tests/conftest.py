@@ -60,3 +60,30 @@ def cifar_ensemble(tmp_path_factory):
         "data.dataset=cifar10", f"data.root={root}", "data.allow_noncanonical=true", "data.train_subset=5000",
         "model.members=3", "train.epochs=3", "train.batch_size=64", "optim.name=adam", "optim.lr=0.002",
         "device=cpu", "seed=0"], "cifar10", root, 200)
+
+
+@pytest.fixture
+def straight_and_resumed(tmp_path, monkeypatch):
+    """A function of a RunConfig: trains it uninterrupted, and again killed at its third save (mid
+    epoch 2 with `train.checkpoint_every_steps` set) then resumed; returns both run directories."""
+    from phalanx.checkpoint import latest_checkpoint
+    from phalanx.train import loop
+
+    def run(cfg):
+        straight = loop.train(cfg, tmp_path / "straight", progress=False)
+        real_save, calls = loop._save, {"n": 0}
+
+        def save_then_die(*args, **kwargs):
+            real_save(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(loop, "_save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            loop.train(cfg, tmp_path / "resumed", progress=False)
+        monkeypatch.setattr(loop, "_save", real_save)
+        assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").meta["batch"] > 0  # died mid-epoch
+        return straight, loop.train(cfg, tmp_path / "resumed", progress=False)
+
+    return run

@@ -14,12 +14,11 @@ from phalanx.data import dataset_info, load_dataset
 from phalanx.models import build_model
 from phalanx.presets import resolve_config_path
 from phalanx.runs import read_metrics
-from phalanx.train import loop
 from phalanx.train.adp import (
     DET_OFFSET, LOG_OFFSET, Adp, AdpConfig, adp_objective, log_ensemble_diversity, non_maximal_predictions,
 )
 from phalanx.train.api import Batch
-from phalanx.train.loop import lr_at, train
+from phalanx.train.loop import lr_at
 from phalanx.train.registry import build_method
 
 SPEC = dataset_info("digits").spec
@@ -191,27 +190,11 @@ SETTINGS = ["train.method=adp", "data.dataset=digits", "data.train_subset=192", 
             "optim.name=adam", "optim.lr=0.003", "device=cpu"]
 
 
-def test_an_interrupted_run_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch):
-    straight = train(load_config(None, SETTINGS), tmp_path / "straight", progress=False)
-    real_save = loop._save
-    calls = {"n": 0}
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 3:  # epoch 2 after 2 of its 4 batches (saves: 1.5, 2, 2.5)
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(None, SETTINGS), tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(loop, "_save", real_save)
-    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").meta["batch"] > 0
-    train(load_config(None, SETTINGS), tmp_path / "resumed", progress=False)
-
+def test_an_interrupted_run_resumes_mid_epoch_to_the_same_weights(straight_and_resumed):
+    straight, resumed = straight_and_resumed(load_config(None, SETTINGS))
     a = latest_checkpoint(straight / "checkpoints").tensors
-    b = latest_checkpoint(tmp_path / "resumed" / "checkpoints").tensors
+    b = latest_checkpoint(resumed / "checkpoints").tensors
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    logged = read_metrics(tmp_path / "resumed")
+    logged = read_metrics(resumed)
     assert [m["epoch"] for m in logged] == [1, 2]
     assert {"train_ensemble_entropy", "train_log_ensemble_diversity"} <= logged[-1].keys()

@@ -121,27 +121,12 @@ def test_a_checkpoint_whose_tensors_were_replaced_after_its_json_is_skipped(tmp_
     assert latest_checkpoint(run / "checkpoints").path == records[-2]
 
 
-def test_dverge_resumes_mid_epoch_to_the_same_weights(tmp_path, monkeypatch):
+def test_dverge_resumes_mid_epoch_to_the_same_weights(straight_and_resumed):
     """DVERGE draws its layer at each epoch start and uses the rng within steps: both are replayed."""
     extra = ["train.method=dverge", "method.distill.steps=2", "train.epochs=2", "data.train_subset=192",
              "train.batch_size=32", "train.checkpoint_every_steps=2", "data.val_size=64"]
-    straight = train(_cfg(*extra), tmp_path / "straight", progress=False)
-    real_save = loop._save
-    calls = {"n": 0}
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 3:  # epoch 2 after 2 of its 4 batches (saves: 1.5, 2, 2.5)
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(_cfg(*extra), tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(loop, "_save", real_save)
-    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").meta["batch"] > 0
-    train(_cfg(*extra), tmp_path / "resumed", progress=False)
+    straight, resumed = straight_and_resumed(_cfg(*extra))
     a = latest_checkpoint(straight / "checkpoints").tensors
-    b = latest_checkpoint(tmp_path / "resumed" / "checkpoints").tensors
+    b = latest_checkpoint(resumed / "checkpoints").tensors
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [m["layer"] for m in read_metrics(straight)] == [m["layer"] for m in read_metrics(tmp_path / "resumed")]
+    assert [m["layer"] for m in read_metrics(straight)] == [m["layer"] for m in read_metrics(resumed)]

@@ -16,9 +16,8 @@ from phalanx.data import dataset_info, load_dataset
 from phalanx.models import build_model
 from phalanx.presets import PRESET_ROOT, resolve_config_path
 from phalanx.runs import read_metrics
-from phalanx.train import loop
 from phalanx.train.api import Batch
-from phalanx.train.loop import train
+
 from phalanx.train.registry import build_method
 from phalanx.train.trs import Trs, TrsConfig, delta_at, max_gradient_norm, smoothness_points
 
@@ -146,31 +145,16 @@ def test_each_term_reaches_every_members_parameters(term):
         assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
 
 
-def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_one(straight_and_resumed):
     settings = ["data.dataset=digits", "data.train_subset=192", "data.val_size=64", "model.members=2",
                 "train.epochs=2", "train.batch_size=32", "optim.name=adam", "optim.lr=0.003", "device=cpu",
                 "train.checkpoint_every_steps=2", "train.method=trs", "method.pgd_steps=2",
                 "method.init_delta=0.1", "method.final_delta=0.2", "method.delta_epochs=2"]
-    straight = train(load_config(None, settings), tmp_path / "straight", progress=False)
-    real_save = loop._save
-    calls = {"n": 0}
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 3:  # epoch 2 after 2 of its 4 batches (saves: 1.5, 2, 2.5)
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(load_config(None, settings), tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(loop, "_save", real_save)
-    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").meta["batch"] > 0
-    train(load_config(None, settings), tmp_path / "resumed", progress=False)
+    straight, resumed = straight_and_resumed(load_config(None, settings))
     a = latest_checkpoint(straight / "checkpoints").tensors
-    b = latest_checkpoint(tmp_path / "resumed" / "checkpoints").tensors
+    b = latest_checkpoint(resumed / "checkpoints").tensors
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ma, mb = read_metrics(straight), read_metrics(tmp_path / "resumed")
+    ma, mb = read_metrics(straight), read_metrics(resumed)
     assert [m["delta"] for m in ma] == [m["delta"] for m in mb] == [pytest.approx(0.1), pytest.approx(0.15)]
     assert [m["train_loss"] for m in ma] == [m["train_loss"] for m in mb]
     assert {"train_similarity", "train_smoothness"} <= set(ma[0])
