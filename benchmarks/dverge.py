@@ -10,7 +10,7 @@ process's CPU time, which is less sensitive to other jobs on a shared machine (w
 it is close to the wall time the iteration would take on an idle core).
 
 `--impl fast` is `phalanx.train.dverge.Dverge` as the training loop runs it (`--stack` sets its
-`stack_members`); `--impl plain` is `phalanx.train.dverge_reference`. Both run after
+`stack_members`); `--impl plain` is `benchmarks.dverge_reference`. Both run after
 `phalanx.memory.keep_freed_memory()`, as the CLI does, unless `--no-malloc-tuning`.
 """
 
@@ -33,7 +33,7 @@ from phalanx.memory import keep_freed_memory
 from phalanx.models import InputSpec, build_model
 from phalanx.train.api import Batch
 from phalanx.train.dverge import Dverge, DvergeConfig
-from phalanx.train.dverge_reference import dverge_plain_step
+from benchmarks.dverge_reference import dverge_plain_step
 
 CIFAR = InputSpec(channels=3, size=32, num_classes=10, mean=(0.4914, 0.4822, 0.4465),
                   std=(0.2470, 0.2435, 0.2616))

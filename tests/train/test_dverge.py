@@ -12,7 +12,7 @@ from phalanx.attacks.distillation import DistillConfig, distill_with
 from phalanx.models import InputSpec, build_model
 from phalanx.train.api import Batch
 from phalanx.train.dverge import Dverge, DvergeConfig, draw_layers
-from phalanx.train.dverge_reference import dverge_plain_step, plain_distill
+from benchmarks.dverge_reference import dverge_plain_step, plain_distill
 
 SPEC16 = InputSpec(channels=3, size=16, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3)
 
