@@ -178,7 +178,7 @@ def test_cifar_archive_and_folder_give_the_same_arrays(datafiles, tmp_path: Path
 
 def test_cifar_archive_md5_mismatch_is_refused_unless_allowed(datafiles, tmp_path: Path) -> None:
     members, _ = datafiles.cifar_members(False)
-    archive = datafiles.write_tar(tmp_path / "cifar-10-binary.tar.gz", members)
+    datafiles.write_tar(tmp_path / "cifar-10-binary.tar.gz", members)
     with pytest.raises(DataError, match=r"cifar-10-binary.tar.gz has md5 .*canonical c32a1d4a"):
         load_dataset("cifar10", "test", tmp_path)
     with pytest.warns(NoncanonicalDataWarning, match="not the canonical"):
