@@ -92,6 +92,17 @@ class _Diversified(nn.Module):
         return self.model(diverse)
 
 
+def _checked_step(eps: float, alpha: float | None, steps: int, mu: float) -> float:
+    """The arguments both transfer attacks share, checked; returns the step (default eps / 5)."""
+    check_eps(eps)
+    check_count("steps", steps)
+    alpha = transfer_step(eps) if alpha is None else alpha
+    if eps > 0 or alpha != 0:
+        check_alpha(alpha)
+    _check_number("mu", mu, positive=False)
+    return alpha
+
+
 def mdi2fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float | None = None,
              steps: int = 100, mu: float = 1.0, p: float = 0.5, resize_rate: float = 1.1,
              norm: Norm | str = "linf", loss: Loss | str = "ce", targeted: bool = False,
@@ -107,12 +118,7 @@ def mdi2fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
     Example: ``x_adv = mdi2fgsm(surrogate, x, y, eps=0.03, generator=torch.Generator().manual_seed(0))``.
     """
     norm, loss = coerce_norm(norm), coerce_loss(loss)
-    check_eps(eps)
-    check_count("steps", steps)
-    alpha = transfer_step(eps) if alpha is None else alpha
-    if eps > 0 or alpha != 0:
-        check_alpha(alpha)
-    _check_number("mu", mu, positive=False)
+    alpha = _checked_step(eps, alpha, steps, mu)
     _check_fraction("p", p)
     number = not isinstance(resize_rate, bool) and isinstance(resize_rate, (int, float))
     if not (number and 1 <= resize_rate < inf):
@@ -188,12 +194,7 @@ def sgm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     Example: ``x_adv = sgm(resnet_ensemble, x, y, eps=0.03)``.
     """
     norm, loss = coerce_norm(norm), coerce_loss(loss)
-    check_eps(eps)
-    check_count("steps", steps)
-    alpha = transfer_step(eps) if alpha is None else alpha
-    if eps > 0 or alpha != 0:
-        check_alpha(alpha)
-    _check_number("mu", mu, positive=False)
+    alpha = _checked_step(eps, alpha, steps, mu)
     check_inputs(x, y)
     x = x.detach()
     with skip_gradient(model, gamma), attack_mode(model):

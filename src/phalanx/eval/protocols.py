@@ -18,27 +18,23 @@ from __future__ import annotations
 import shlex
 import sys
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from phalanx.attacks import AttackName, AttackSpec, attack_in_batches
+from phalanx.attacks import AttackName, AttackSpec
 from phalanx.config import AttackConfig
 from phalanx.enums import coerce_enum
-from phalanx.eval.measure import accuracy, correct_mask, max_perturbation
+from phalanx.eval.measure import accuracy
 from phalanx.eval.sanity import apply_sanity_checks, check_whitebox_below_transfer
 from phalanx.eval.stats import add_ci95
-from phalanx.eval.whitebox import evaluate_whitebox, named_models
+from phalanx.eval.whitebox import attack_record, evaluate_whitebox, named_models
 from phalanx.models import Mixture
 from phalanx.runs import load_members, write_eval_json
-
-
-T = TypeVar("T")
 
 
 class Protocol(str, Enum):
@@ -79,7 +75,7 @@ def last_batch_accuracies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     """The script's clean accuracy: each pass reshuffles the held-out set and, because its counters
     are reset inside the batch loop, counts only the last batch; one value per pass."""
     n = len(y)
-    last = n - ((n - 1) // batch_size) * batch_size  # the size of a pass's last batch
+    last = last_batch_size(n, batch_size)
     gen = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(passes):
@@ -88,9 +84,15 @@ def last_batch_accuracies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     return values
 
 
+def last_batch_size(n: int, batch_size: int = REPORT_BATCH) -> int:
+    """How many of `n` examples a pass's last batch of `batch_size` holds."""
+    return n - ((n - 1) // batch_size) * batch_size
+
+
 def heldout_split(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The uint8 images and labels a run held out of its training split (data.val_size), and the
     loader's warnings (re-emitted; they name a non-canonical copy of the dataset)."""
+    from phalanx.eval.run_eval import loading
     from phalanx.runs import read_run_config
     from phalanx.train.loop import load_training_data
 
@@ -99,18 +101,8 @@ def heldout_split(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, list
         raise ValueError(f"the dverge-report protocol measures on a held-out part of the training split, and "
                          f"{run_dir} trained on all of it (data.val_size = 0); train with data.val_size=1024 "
                          "data.val_from=head (the report's split) or evaluate with --protocol standard")
-    split, messages = _loading(lambda: load_training_data(cfg))
+    split, messages = loading(lambda: load_training_data(cfg))
     return split.val_x, split.val_y, messages
-
-
-def _loading(load: Callable[[], T]) -> tuple[T, list[str]]:
-    """`load()`'s result and the text of the warnings it gave, which are passed on."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = load()
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return out, [str(w.message) for w in caught]
 
 
 def evaluate_report_protocol(run_dir: str | Path, *, device: str | None = None, progress: bool = False,
@@ -135,23 +127,16 @@ def evaluate_report_protocol(run_dir: str | Path, *, device: str | None = None, 
         t0 = time.perf_counter()
         values = last_batch_accuracies(model, x, y, seed=cfg.seed)
         records.append({"model": name, "attack": "clean", "eps": 0.0, "accuracy": sum(values) / len(values),
-                        "accuracy_std": float(torch.tensor(values).std()), "n": len(values) * _last_batch(len(y)),
+                        "accuracy_std": float(torch.tensor(values).std()), "n": len(values) * last_batch_size(len(y)),
                         "repeats": len(values), "params": {"counted_on": "last batch of each pass",
                                                            "batch_size": REPORT_BATCH, "passes": REPORT_PASSES},
                         "source": "white-box", "seed": cfg.seed, "wall_time_s": time.perf_counter() - t0,
                         # clean accuracy on every attacked example, for the sanity checks and for reference
                         "accuracy_attacked": accuracy(model, x, y, batch_size)})
         for spec in report_attacks():
-            t0 = time.perf_counter()
-            gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-            x_adv = attack_in_batches(spec, model, x, y, batch_size, generator=gen,
+            record, _ = attack_record(name, model, spec, x, y, seed=cfg.seed, batch_size=batch_size,
                                       progress=f"{name} {spec.name.value}" if progress else None)
-            correct = correct_mask(model, x_adv, y, batch_size)
-            params = spec.resolved_params()
-            records.append({"model": name, "attack": spec.name.value, "eps": spec.eps,
-                            "accuracy": float(correct.float().mean()), "n": len(y), "params": params,
-                            "source": "white-box", "seed": cfg.seed, "wall_time_s": time.perf_counter() - t0,
-                            "max_perturbation": max_perturbation(x_adv, x, params["norm"]), "budget": spec.budget()})
+            records.append(record)
     for record in records:
         record["protocol"] = Protocol.DVERGE_REPORT.value
     add_ci95(records)
@@ -164,10 +149,6 @@ def evaluate_report_protocol(run_dir: str | Path, *, device: str | None = None, 
            "results": records, "sanity": sanity}
     write_eval_json(run_dir, "dverge-report.json", doc)
     return doc
-
-
-def _last_batch(n: int) -> int:
-    return n - ((n - 1) // REPORT_BATCH) * REPORT_BATCH
 
 
 # --- the DVERGE authors' evaluation --------------------------------------------------------------
@@ -207,7 +188,7 @@ def evaluate_authors_protocol(run_dir: str | Path, surrogate_run_dir: str | Path
     ensemble of the same architecture); its transfer set is crafted once and reused (transfer.py).
     """
     from phalanx.data import load_dataset
-    from phalanx.eval.run_eval import display_name, resolve_examples
+    from phalanx.eval.run_eval import display_name, loading, resolve_examples
     from phalanx.eval.transfer import craft_transfer_set, evaluate_transfer
     from phalanx.runs import read_run_config
     from phalanx.train.loop import resolve_device
@@ -228,7 +209,7 @@ def evaluate_authors_protocol(run_dir: str | Path, surrogate_run_dir: str | Path
     members, cfg, meta = load_members(run_dir, "cpu")
     dev = resolve_device(device or cfg.device)
     mixture = Mixture([m.to(dev) for m in members]).eval()
-    (x_u8, y), messages = _loading(lambda: load_dataset(cfg.data.dataset, "test", cfg.data.root,
+    (x_u8, y), messages = loading(lambda: load_dataset(cfg.data.dataset, "test", cfg.data.root,
                                                         download=cfg.data.download,
                                                         allow_noncanonical=cfg.data.allow_noncanonical))
     whitebox = evaluate_whitebox(mixture, x_u8.to(dev).float().div_(255), y.to(dev), authors_whitebox_attacks(eps_grid),

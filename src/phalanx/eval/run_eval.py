@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from phalanx.config import AttackConfig, RunConfig, SuiteConfig
 from phalanx.data import dataset_info, load_dataset
@@ -16,6 +16,7 @@ from phalanx.runs import load_members, write_eval_json
 from phalanx.models import Mixture
 from phalanx.train.loop import resolve_device
 
+T = TypeVar("T")
 ALL_EXAMPLES: Final = "all"  # `examples=ALL_EXAMPLES`: the whole test split, whatever the run's eval.examples
 
 
@@ -49,12 +50,9 @@ def evaluate_run(run_dir: str | Path, *, attacks: Sequence[AttackConfig] | None 
     members, cfg, meta = load_members(run_dir, "cpu")
     dev = resolve_device(device or cfg.device)
     mixture = Mixture([m.to(dev) for m in members]).eval()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        x_u8, y = load_dataset(cfg.data.dataset, "test", cfg.data.root, download=cfg.data.download,
-                               allow_noncanonical=cfg.data.allow_noncanonical)
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    (x_u8, y), messages = loading(lambda: load_dataset(cfg.data.dataset, "test", cfg.data.root,
+                                                       download=cfg.data.download,
+                                                       allow_noncanonical=cfg.data.allow_noncanonical))
     x = x_u8.to(dev).float().div_(255)
     y = y.to(dev)
     if suites is None:
@@ -66,12 +64,23 @@ def evaluate_run(run_dir: str | Path, *, attacks: Sequence[AttackConfig] | None 
                                 suites=tuple(suites), check_convergence=check_convergence)
     doc = {
         "kind": "white-box", "run": str(run_dir), "dataset": cfg.data.dataset,
-        "dataset_display": display_name(cfg, [str(w.message) for w in caught]), "method": cfg.train.method, "arch": cfg.model.arch,
+        "dataset_display": display_name(cfg, messages), "method": cfg.train.method, "arch": cfg.model.arch,
         "epoch": meta["epoch"], "device": str(dev), "wall_time_s": time.perf_counter() - started,
         "results": records, "sanity": apply_sanity_checks(records),
     }
     write_eval_json(run_dir, "whitebox.json", doc)
     return doc
+
+
+def loading(load: Callable[[], T]) -> tuple[T, list[str]]:
+    """`load()`'s result and the text of the warnings it gave (passed on): a loader's warnings name a
+    non-canonical copy of the dataset, which `display_name` must say."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = load()
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out, [str(w.message) for w in caught]
 
 
 def display_name(cfg: RunConfig, load_warnings: Sequence[str] = ()) -> str:

@@ -165,12 +165,12 @@ def attack_record(name: str, model: nn.Module, spec: AttackSpec, x: torch.Tensor
     gen = torch.Generator(device=x.device).manual_seed(seed)
     x_adv = attack_in_batches(spec, model, x, y, batch_size, generator=gen, progress=progress)
     correct = correct_mask(model, x_adv, y, batch_size)
-    params = spec.resolved_params()
+    params, budget = spec.resolved_params(), spec.budget()
     return {"model": name, "attack": spec.name.value, "eps": spec.eps,
             "accuracy": float(correct.float().mean()) if len(y) else 0.0, "n": len(y), "params": params,
             "source": "white-box", "seed": seed, "wall_time_s": time.perf_counter() - started,
             "max_perturbation": max_perturbation(x_adv, x, params["norm"]),
-            **({"budget": spec.budget()} if spec.budget() != spec.eps else {})}, correct
+            **({"budget": budget} if budget != spec.eps else {})}, correct
 
 
 def _suite_records(name: str, model: nn.Module, suite: SuiteConfig, x: torch.Tensor, y: torch.Tensor,
