@@ -26,6 +26,7 @@ quickstart: $(STAMP)
 	$(BIN)/phalanx quickstart
 
 test: $(STAMP)
+	$(BIN)/ruff check --select F src tests benchmarks scripts
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

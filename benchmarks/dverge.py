@@ -30,7 +30,8 @@ import torch
 
 from phalanx.attacks.distillation import DistillConfig
 from phalanx.memory import keep_freed_memory
-from phalanx.models import InputSpec, build_model
+from phalanx.models import Classifier, InputSpec, build_model
+from phalanx.models.user import ModuleMember
 from phalanx.train.api import Batch
 from phalanx.train.dverge import Dverge, DvergeConfig
 from benchmarks.dverge_reference import dverge_plain_step
@@ -42,7 +43,9 @@ CIFAR_TRAIN_SIZE = 50_000
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.dverge", description=__doc__.splitlines()[0])
-    p.add_argument("--arch", choices=["conv", "resnet20"], default="conv")
+    p.add_argument("--arch", choices=["conv", "resnet20", "user-conv"], default="conv",
+                   help="user-conv: the seed Conv written as a user's plain nn.Module (UserLeNet), "
+                        "tapped through phalanx.models.user.ModuleMember's forward hooks")
     p.add_argument("--members", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)
@@ -65,6 +68,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class UserLeNet(torch.nn.Module):
+    """The seed Conv's layers (conv 6@5x5, conv 16@5x5, FC 120, FC 84, FC 10) as a user writes them."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(3, 6, 5), torch.nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(400, 120), torch.nn.Linear(120, 84), torch.nn.Linear(84, classes)
+        self.pool, self.act = torch.nn.MaxPool2d(2), torch.nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.act(self.conv1(x)))
+        x = self.pool(self.act(self.conv2(x))).flatten(1)
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+def make_member(arch: str) -> Classifier:
+    if arch == "user-conv":
+        return ModuleMember(UserLeNet(), CIFAR)
+    return build_model(arch, CIFAR)
+
+
 def peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -79,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    members = [build_model(args.arch, CIFAR).to(device).train() for _ in range(args.members)]
+    members = [make_member(args.arch).to(device).train() for _ in range(args.members)]
     names = members[0].layer_names
     distill_cfg = DistillConfig(steps=args.distill_steps)
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -31,20 +31,18 @@ from phalanx.train.adversarial import Adversarial, AdversarialConfig
 from phalanx.train.api import Batch
 from phalanx.train.baseline import Baseline, BaselineConfig
 from phalanx.train.dverge import Dverge, DvergeAdvtConfig, DvergeConfig
+from phalanx.runs import frozen
 from phalanx.train.ensadv import EnsAdv, EnsAdvConfig, EnsAdvGalConfig
 from phalanx.train.gal import Gal, GalConfig
 from phalanx.train.gdr import Gdr, GdrConfig
 from phalanx.train.kd import Kd, KdConfig
-from phalanx.train.loop import make_optimizer
+from phalanx.train.optimization import make_optimizer
 from phalanx.train.rrm import Rrm, RrmConfig
 from phalanx.train.trs import Trs, TrsConfig
 
 
 def _frozen(arch: str) -> nn.Module:
-    model = build_model(arch, CIFAR).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return frozen(build_model(arch, CIFAR))
 
 
 # name -> builder of the method from the architecture (teachers and static models built fresh)

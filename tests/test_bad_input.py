@@ -479,8 +479,8 @@ def test_no_traceback_reaches_the_user(trained_run, tmp_path, capsys, case):
 
 def test_a_flipped_byte_in_a_transfer_set_is_refused(trained_run, tmp_path):
     from phalanx.eval.transfer import craft_transfer_set, load_transfer_set
-    from phalanx.config import AttackConfig
-    path = craft_transfer_set([trained_run], [AttackConfig("fgsm", 0.1)], examples=8, seed=0, out_path=tmp_path)
+    from phalanx.attacks import AttackSpec
+    path = craft_transfer_set([trained_run], [AttackSpec("fgsm", 0.1)], examples=8, seed=0, out_path=tmp_path)
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01
     path.write_bytes(bytes(data))
@@ -549,7 +549,7 @@ def test_a_changed_metrics_line_is_skipped_by_name_and_the_resume_refused(traine
 def test_changed_evaluation_analysis_and_checkpoint_files_are_reported_by_name(trained_run, tmp_path, capsys):
     from phalanx.eval.transfer import load_transfer_set
     from phalanx.files import DamagedFileWarning, write_json_atomic
-    from phalanx.report.render import read_run_data
+    from phalanx.report.run_data import read_run_data
     assert main(["eval", str(trained_run), "--quiet", "--attack", "fgsm", "--examples", "8"]) == 0
     whitebox = trained_run / "eval" / "whitebox.json"
     _edit_json(whitebox, epoch=7)

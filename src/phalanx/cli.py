@@ -12,9 +12,11 @@ from datetime import datetime
 from pathlib import Path
 
 from phalanx.checkpoint import CheckpointError
-from phalanx.attacks import AttackName
-from phalanx.config import AttackConfig, ConfigError, SuiteConfig, load_config
+from phalanx.attacks import ATTACKS, AttackName, AttackSpec
+from phalanx.config import ConfigError, SuiteConfig, load_config
 from phalanx.data import DataError
+from phalanx.errors import UsageError
+from phalanx.files import DamagedFileError
 from phalanx.memory import keep_freed_memory
 from phalanx.presets import list_presets, resolve_config_path
 from phalanx.runs import RunDirError
@@ -22,7 +24,10 @@ from phalanx.tensorboard import TensorboardUnavailable, require_tensorboard
 from phalanx.train.distributed import RankFailed
 from phalanx.train.loop import TrainingDiverged
 
-USAGE_ERRORS = (ConfigError, DataError, RunDirError, CheckpointError, TensorboardUnavailable, ValueError)
+# The project's own errors that a person fixes by asking differently (exit 2, one line). Anything
+# else escaping a command, a bare ValueError included, is a bug: it keeps its traceback (exit 1).
+USAGE_ERRORS = (ConfigError, DataError, RunDirError, CheckpointError, DamagedFileError,
+                TensorboardUnavailable, UsageError)
 
 
 def _default_out(name: str) -> Path:
@@ -52,7 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     attacks = _attacks_from_args(args)
     if args.transfer_from:
         if args.suite:
-            raise ValueError("--suite is white-box only; it cannot be combined with --transfer-from")
+            raise UsageError("--suite is white-box only; it cannot be combined with --transfer-from")
         return _eval_transfer(args, attacks)
     suites = None
     if args.suite:
@@ -71,25 +76,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 DEFAULT_EPS = 0.03  # --eps when not given: about 8/255, the CIFAR-10 budget of the seed papers
 
 
-def _attacks_from_args(args: argparse.Namespace) -> list[AttackConfig] | None:
-    """The --attack x --eps grid; step flags that were given go to the attacks that take them, and
-    an attack named alone runs with its registry defaults scaled to eps."""
-    if not args.attack:
-        for flag in ("alpha", "steps", "restarts"):
-            if getattr(args, flag) is not None:
-                raise ValueError(f"--{flag} needs --attack: it sets a parameter of the attacks named there")
-        return None
-    from phalanx.attacks import ATTACKS, AttackName
+STEP_FLAGS = ("alpha", "steps", "restarts")  # --alpha, --steps, --restarts: attacks.STEP_PARAMETERS
 
-    given = {flag: getattr(args, flag) for flag in ("alpha", "steps", "restarts") if getattr(args, flag) is not None}
-    for flag in given:
-        takers = [n for n in args.attack if flag in ATTACKS[AttackName(n)].tunable()]
-        if not takers:
-            allowed = sorted(a.value for a in AttackName if flag in ATTACKS[a].tunable())
-            raise ValueError(f"--{flag} {given[flag]} is not taken by {', '.join(args.attack)}; attacks that take "
+
+def _attacks_from_args(args: argparse.Namespace) -> list[AttackSpec] | None:
+    """The --attack x --eps grid; step flags that were given go to the attacks whose registry entry
+    takes them, and an attack named alone runs with its registry defaults scaled to eps."""
+    given = {flag: getattr(args, flag) for flag in STEP_FLAGS if getattr(args, flag) is not None}
+    if not args.attack:
+        for flag in given:
+            raise UsageError(f"--{flag} needs --attack: it sets a parameter of the attacks named there")
+        return None
+    params = {name: {k: v for k, v in given.items() if k in ATTACKS[AttackName(name)].step_parameters()}
+              for name in args.attack}
+    for flag, value in given.items():
+        if not any(flag in p for p in params.values()):
+            allowed = sorted(a.value for a in AttackName if flag in ATTACKS[a].step_parameters())
+            raise UsageError(f"--{flag} {value} is not taken by {', '.join(args.attack)}; attacks that take "
                              f"--{flag}: {allowed}")
-    return [AttackConfig(name, eps, **{k: v for k, v in given.items() if k in ATTACKS[AttackName(name)].tunable()})
-            for name in args.attack for eps in (args.eps or [DEFAULT_EPS])]
+    return [AttackSpec.from_mapping({"name": name, "eps": eps, **params[name]})
+            for name in args.attack for eps in args.eps or [DEFAULT_EPS]]
 
 
 def _print_warnings(records: list[dict]) -> None:
@@ -98,7 +104,7 @@ def _print_warnings(records: list[dict]) -> None:
         print("\nSANITY WARNINGS (gradient masking or a broken evaluation?):", *notes, sep="\n")
 
 
-def _eval_transfer(args: argparse.Namespace, attacks: list[AttackConfig] | None) -> int:
+def _eval_transfer(args: argparse.Namespace, attacks: list[AttackSpec] | None) -> int:
     import shlex
 
     from phalanx.eval.run_eval import resolve_examples
@@ -124,20 +130,22 @@ def _eval_transfer(args: argparse.Namespace, attacks: list[AttackConfig] | None)
 
 def _eval_protocol(args: argparse.Namespace, protocol: str) -> int:
     """`phalanx eval --protocol P`: a source's own evaluation, which fixes its attacks."""
+    from phalanx.attacks.report_pgd import REPORT_EPS
     from phalanx.eval.protocols import LABELS, Protocol, evaluate_authors_protocol, evaluate_report_protocol
     from phalanx.eval.tables import CI_NOTE, accuracy_table, curve_table, text_table
 
-    fixed = [f"--{flag.replace('_', '-')}" for flag in ("attack", "suite", "alpha", "steps", "restarts", "large_eps")
+    fixed = [f"--{flag.replace('_', '-')}" for flag in ("attack", "suite", *STEP_FLAGS, "large_eps")
              if getattr(args, flag)]
     if fixed:
-        raise ValueError(f"--protocol {protocol} fixes its own attacks; drop {', '.join(fixed)} or use --protocol standard")
+        raise UsageError(f"--protocol {protocol} fixes its own attacks; drop {', '.join(fixed)} or use --protocol standard")
     if protocol == Protocol.GAL_PAPER:
         if not args.transfer_from:
-            raise ValueError("--protocol gal-paper transfers from a surrogate: give --transfer-from SURROGATE_RUN")
+            raise UsageError("--protocol gal-paper transfers from a surrogate: give --transfer-from SURROGATE_RUN")
         return _eval_transfer(args, None)
     if protocol == Protocol.DVERGE_REPORT:
         if args.transfer_from or args.eps:
-            raise ValueError("--protocol dverge-report is white-box at the report's eps 0.03; drop --transfer-from/--eps")
+            raise UsageError(f"--protocol dverge-report is white-box at the report's eps {REPORT_EPS:g}; "
+                             "drop --transfer-from/--eps")
         doc = evaluate_report_protocol(args.run_dir, device=args.device, progress=not args.quiet)
         print(f"{doc['dataset_display']} — {doc['method']} {doc['arch']} (epoch {doc['epoch']}), accuracy (%) under "
               f"the {LABELS[Protocol.DVERGE_REPORT]} (its unprojected PGD; {doc['split']})")
@@ -147,7 +155,7 @@ def _eval_protocol(args: argparse.Namespace, protocol: str) -> int:
         print(f"\nresults: {Path(args.run_dir) / 'eval' / 'dverge-report.json'}")
         return 0
     if not args.transfer_from or len(args.transfer_from) != 1:
-        raise ValueError("--protocol dverge-authors transfers from one separately trained baseline ensemble: "
+        raise UsageError("--protocol dverge-authors transfers from one separately trained baseline ensemble: "
                          "give --transfer-from SURROGATE_RUN once")
     kwargs = {"eps_grid": tuple(args.eps)} if args.eps else {}
     doc = evaluate_authors_protocol(args.run_dir, args.transfer_from[0], examples=args.examples, device=args.device,

@@ -5,10 +5,12 @@ from __future__ import annotations
 from enum import Enum
 from typing import TypeVar
 
+from phalanx.errors import UsageError
+
 E = TypeVar("E", bound=Enum)
 
 
-def coerce_enum(enum_cls: type[E], value: E | str, what: str, error: type[ValueError] = ValueError) -> E:
+def coerce_enum(enum_cls: type[E], value: E | str, what: str, error: type[ValueError] = UsageError) -> E:
     """`value` as a member of `enum_cls`, or `error` naming the bad value and the allowed ones."""
     try:
         return enum_cls(value)

@@ -297,7 +297,8 @@ def run_league(cfg: LeagueConfig, out_dir: str | Path, *, progress: bool = False
     from phalanx.eval.run_eval import ALL_EXAMPLES, evaluate_run
     from phalanx.eval.transfer import craft_transfer_set, evaluate_transfer
     from phalanx.runs import checkpoint_dir
-    from phalanx.train.loop import resolve_device, train
+    from phalanx.device import resolve_device
+    from phalanx.train.loop import train
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -309,8 +310,8 @@ def run_league(cfg: LeagueConfig, out_dir: str | Path, *, progress: bool = False
         ckpt = latest_checkpoint(checkpoint_dir(run_dir))
         done = ckpt is not None and ckpt.meta.get("epoch") == run_cfg.train.epochs
         start = f" from {run_cfg.train.init_from}" if run_cfg.train.init_from else ""
-        say(f"[{label}] {'reusing the trained run' if done else 'training'} {run_cfg.model.members} x "
-            f"{run_cfg.model.arch} with {run_cfg.train.method}{start} for {run_cfg.train.epochs} epochs on "
+        say(f"[{label}] {'reusing the trained run' if done else 'training'} {run_cfg.model.count} x "
+            f"{run_cfg.model.label} with {run_cfg.train.method}{start} for {run_cfg.train.epochs} epochs on "
             f"{run_cfg.data.dataset} -> {run_dir}")
         train(run_cfg, run_dir, progress=progress)
 

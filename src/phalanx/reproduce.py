@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from phalanx.config import RunConfig, load_config
+from phalanx.errors import UsageError
 from phalanx.eval.protocols import evaluate_report_protocol
 from phalanx.eval.run_eval import evaluate_run
 from phalanx.eval.transfer import craft_transfer_set, evaluate_transfer
@@ -22,7 +23,7 @@ def preset_chain(name: str) -> list[str]:
     chain = [name]
     while (parent := load_config(resolve_config_path(chain[0])).reproduce_from) is not None:
         if parent in chain:
-            raise ValueError(f"preset {name!r} has a reproduce_from cycle through {parent!r}")
+            raise UsageError(f"preset {name!r} has a reproduce_from cycle through {parent!r}")
         chain.insert(0, parent)
     return chain
 
@@ -60,7 +61,7 @@ def _train_preset(preset: str, out_root: Path, epochs_scale: float, overrides: l
     cfg = load_config(resolve_config_path(preset),
                       [f"train.epochs={scaled_epochs(base.train.epochs, epochs_scale)}", *overrides])
     run_dir = out_root / preset
-    echo(f"[{preset}] {cfg.train.method}: {cfg.model.members} x {cfg.model.arch}, {cfg.train.epochs} epochs -> {run_dir}")
+    echo(f"[{preset}] {cfg.train.method}: {cfg.model.count} x {cfg.model.label}, {cfg.train.epochs} epochs -> {run_dir}")
     train(cfg, run_dir, progress=progress, tensorboard=tensorboard)
     return cfg, run_dir
 
@@ -70,7 +71,7 @@ def reproduce(name: str, out_root: Path, *, epochs_scale: float = 1.0, data_dir:
               echo: Callable[[str], None] = print, tensorboard: bool = False) -> Path:
     """Train every preset of `name`'s chain into `out_root/<preset>`, evaluate the last, report."""
     if not epochs_scale > 0:
-        raise ValueError(f"--epochs-scale must be > 0, got {epochs_scale}")
+        raise UsageError(f"--epochs-scale must be > 0, got {epochs_scale}")
     previous: Path | None = None
     cfg: RunConfig | None = None
     common = [f"data.root={data_dir}"] if data_dir is not None else []

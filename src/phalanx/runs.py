@@ -11,7 +11,7 @@ import dataclasses
 import fcntl
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from phalanx.files import (
     DamagedFileWarning, is_temp_name, read_jsonl, remove_temp_files, write_json_atomic, write_text_atomic,
 )
 from phalanx.models import Classifier, InputSpec, Mixture, build_model
+from phalanx.models.user import as_member, build_user_model
 
 
 class RunDirError(ValueError):
@@ -184,7 +185,7 @@ def check_identity(run_dir: Path, cfg: RunConfig, ckpt: Checkpoint) -> None:
     if stored is not None:
         diffs = identity_differences(cfg, stored)
     else:
-        pairs = (("model.arch", cfg.model.arch, meta.get("arch")), ("model.members", cfg.model.members,
+        pairs = (("model.arch", cfg.model.label, meta.get("arch")), ("model.members", cfg.model.count,
                  meta.get("members")), ("data.dataset", cfg.data.dataset, meta.get("dataset")))
         diffs = [f"{k} = {a!r} vs {b!r}" for k, a, b in pairs if b is not None and a != b]
         if not diffs and "fingerprint" in meta:
@@ -206,17 +207,35 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def build_members(cfg: RunConfig, spec: InputSpec) -> list[Classifier]:
+def build_members(cfg: RunConfig, spec: InputSpec, modules: Sequence[torch.nn.Module] | None = None
+                  ) -> list[Classifier]:
     """Freshly initialized members; member i is seeded with (seed, i) so runs are reproducible.
-    With `model.normalize_input` false the members see raw [0, 1] pixels (mean 0, std 1)."""
+    With `model.normalize_input` false the members see raw [0, 1] pixels (mean 0, std 1).
+    `modules` (a user's own, as they are) are wrapped instead of building the config's members."""
     if not cfg.model.normalize_input:
         spec = dataclasses.replace(spec, mean=(0.0,) * spec.channels, std=(1.0,) * spec.channels)
-    members = []
-    for i in range(cfg.model.members):
+    if modules is not None:
+        return [as_member(m, spec) for m in modules]
+    members: list[Classifier] = []
+    for i, member in enumerate(cfg.model.member_specs()):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed * 1000 + i)
-            members.append(build_model(cfg.model.arch, spec, cfg.model.activation))
+            if member.factory is not None:
+                members.append(build_user_model(member.factory, member.kwargs, spec, member.layers))
+            else:
+                members.append(build_model(str(member.arch), spec, member.activation))
     return members
+
+
+def stored_spec(meta: dict[str, Any]) -> InputSpec | None:
+    """The input spec a checkpoint was trained with (kept since user models and tensor data: neither
+    can be looked up by dataset name); None for older checkpoints or a malformed entry."""
+    raw = meta.get("input_spec")
+    try:
+        return InputSpec(int(raw["channels"]), int(raw["size"]), int(raw["num_classes"]),
+                         tuple(map(float, raw["mean"])), tuple(map(float, raw["std"])))
+    except (TypeError, KeyError, ValueError):
+        return None
 
 
 def load_members(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[list[Classifier], RunConfig, dict]:
@@ -230,9 +249,21 @@ def load_members(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{run_dir} has no complete checkpoint yet")
     check_identity(run_dir, cfg, ckpt)
     warn_if_in_use(run_dir, f"its checkpoint at {describe(ckpt)} ({ckpt.path.name})")
-    members = build_members(cfg, dataset_info(cfg.data.dataset, cfg.data.root).spec)
+    members = build_members(cfg, stored_spec(ckpt.meta) or dataset_info(cfg.data.dataset, cfg.data.root).spec)
     unpack_members(ckpt.tensors, members)
     return [m.to(device) for m in members], cfg, ckpt.meta
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` in eval mode with parameters that take no gradient, for good: a fixed function of its
+    input (a static model or a teacher; an attack freezes only for its duration, `attacks.attack_mode`)."""
+    return model.eval().requires_grad_(False)
+
+
+def load_frozen_members(run_dir: str | Path) -> list[Classifier]:
+    """The members of a finished run (latest checkpoint), on the CPU, `frozen`: the one loader of
+    every static model (EnsAdv) and teacher (RRM, KD)."""
+    return [frozen(m) for m in load_members(run_dir, "cpu")[0]]
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Mixture:

@@ -8,7 +8,7 @@ metrics.jsonl stays the record of a run; TensorBoard is a live view of the same 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +78,14 @@ class TensorboardLog:
         self.log_dir = Path(log_dir)
         self._writer = SummaryWriter(log_dir=str(self.log_dir))
 
-    def batch_loss(self, global_step: int, loss: float, *, epoch_end: bool = False) -> None:
-        """The running mean training loss of the epoch, every `STEP_LOSS_EVERY` batches and at its end."""
-        if (global_step % STEP_LOSS_EVERY == 0 or epoch_end) and math.isfinite(loss):
-            self._writer.add_scalar("train/running_loss", loss, global_step)
+    def batch_loss(self, global_step: int, loss: float | Callable[[], float], *, epoch_end: bool = False) -> None:
+        """The running mean training loss of the epoch, every `STEP_LOSS_EVERY` batches and at its end.
+        `loss` may be a function, called only then (reading a device tensor back is a host sync)."""
+        if not (global_step % STEP_LOSS_EVERY == 0 or epoch_end):
+            return
+        value = loss() if callable(loss) else loss
+        if math.isfinite(value):
+            self._writer.add_scalar("train/running_loss", value, global_step)
 
     def epoch(self, record: Mapping[str, Any]) -> None:
         """Every scalar of an epoch record, at step = the epoch number."""

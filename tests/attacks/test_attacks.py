@@ -288,14 +288,20 @@ def test_arguments_are_keyword_only(net, test_set):
 # --- registry ---------------------------------------------------------------------------------
 
 def test_registry_covers_every_name_and_the_report_protocol_uses_its_scripts_attacks():
-    from phalanx.eval.protocols import report_attacks
+    from phalanx.attacks import report_attacks
 
     assert set(ATTACKS) == set(AttackName)
-    assert [(s.name, s.eps) for s in report_attacks()] == [
+    scripted = report_attacks(scripted=True)
+    assert [(s.name, s.eps) for s in scripted] == [
         (AttackName.FGSM, 0.03), (AttackName.PGD_LINF_REPORT, 0.03), (AttackName.PGD_L2_REPORT, 0.03)]
-    for spec in report_attacks()[1:]:  # test_project.py: 5 iterations of 0.007, no random start
+    for spec in scripted[1:]:  # test_project.py: 5 iterations of 0.007, no random start
         assert (spec.resolved_params()["alpha"], spec.resolved_params()["steps"]) == (0.007, 5)
-    assert report_attacks()[2].resolved_params()["norm"] == "l2"
+    assert scripted[2].resolved_params()["norm"] == "l2"
+    stated = report_attacks(scripted=False)  # its text: projected PGD, 10 steps of 0.007 (the default)
+    assert [(s.name, s.eps) for s in stated] == [
+        (AttackName.FGSM, 0.03), (AttackName.PGD_LINF, 0.03), (AttackName.PGD_L2, 0.03)]
+    for spec in stated[1:]:
+        assert (spec.resolved_params()["alpha"], spec.resolved_params()["steps"]) == (0.007, 10)
 
 
 def test_spec_coerces_names_and_rejects_unknown_names_and_parameters():
@@ -309,6 +315,34 @@ def test_spec_coerces_names_and_rejects_unknown_names_and_parameters():
         AttackSpec("pgd-linf", 0.1, {"norm": "l2"})
     with pytest.raises(ValueError, match=r"eps must be .*>= 0, got -1"):
         AttackSpec("fgsm", -1)
+
+
+@pytest.mark.parametrize("name, params, loss", [
+    ("fgsm", {}, "ce"), ("r-fgsm", {}, "ce"), ("pgd-linf", {}, "ce"), ("pgd-linf", {"loss": "cw"}, "cw"),
+    ("pgd-cw", {}, "cw"), ("apgd-ce", {}, "ce"), ("apgd-dlr-l2", {}, "dlr"), ("apgd-t", {}, "dlr"),
+    ("fab-t", {}, "cw"), ("square", {}, "cw"), ("sgm", {"loss": "cw"}, "cw"), ("pgd-linf-report", {}, "ce"),
+])
+def test_the_entry_states_the_loss_an_attack_ascends(name, params, loss):
+    assert AttackSpec(name, 0.1, params).loss().value == loss
+
+
+def test_the_entry_states_the_step_parameters_a_config_or_flag_may_set():
+    assert ATTACKS[AttackName.FGSM].step_parameters() == frozenset()
+    assert ATTACKS[AttackName.R_FGSM].step_parameters() == {"alpha"}  # its random step
+    assert ATTACKS[AttackName.I_FGSM].step_parameters() == {"steps"}
+    assert ATTACKS[AttackName.PGD_LINF].step_parameters() == {"alpha", "steps", "random_start", "restarts"}
+    assert ATTACKS[AttackName.SQUARE].step_parameters() == {"restarts"}
+
+
+def test_a_spec_drops_parameters_equal_to_the_defaults_and_round_trips_through_its_mapping():
+    same = AttackSpec("pgd-linf", 0.1, {"steps": 10, "restarts": 1, "random_start": True})
+    assert same == AttackSpec("pgd-linf", 0.1)
+    explicit = AttackSpec("pgd-linf", 0.1, {"alpha": 0.025})  # a step eps scales stays explicit
+    assert dict(explicit.params) == {"alpha": 0.025}
+    for spec in (explicit, AttackSpec("r-fgsm", 0.1, {"alpha": 0.02}), AttackSpec("fgsm", 0.1),
+                 AttackSpec("apgd-ce", 0.1, {"steps": 20, "restarts": 2, "random_start": False})):
+        assert AttackSpec.from_mapping(spec.to_mapping()) == spec
+    assert AttackSpec("pgd-linf", 0.1, {"loss": "cw"}).to_mapping()["loss"] == "cw"  # written, not lost
 
 
 @pytest.mark.parametrize("spec", [AttackSpec("fgsm", 0.05), AttackSpec("pgd-linf", 0.05, {"steps": 3}),

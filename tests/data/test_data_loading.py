@@ -68,6 +68,7 @@ def test_digits_needs_no_root_and_is_upsampled_by_nearest_neighbour() -> None:
     assert set(x.unique().tolist()) <= levels
 
 
+@pytest.mark.integration  # runs phalanx in a subprocess
 def test_the_runtime_does_not_import_sklearn() -> None:
     code = ("import sys, phalanx.data as d; d.load_dataset('digits', 'test'); "
             "assert 'sklearn' not in sys.modules, 'sklearn imported'")

@@ -10,7 +10,8 @@ import torch
 from phalanx.config import load_config
 from phalanx.data import DatasetName, load_dataset
 from phalanx.eval.analysis import GAAS_EPS, analysis_path, analyze_run, coherence_summary
-from phalanx.eval.gradients import coherence, member_input_gradients, pairwise_cosine
+from phalanx.eval.gradients import member_input_gradients
+from phalanx.geometry import coherence, pairwise_cosines
 from phalanx.files import read_json
 from phalanx.presets import resolve_config_path
 from phalanx.report import write_report
@@ -65,7 +66,7 @@ def test_coherence_and_pair_cosines_match_a_recomputation_by_hand(analyzed):
     run, doc = analyzed
     members, _, _ = load_members(run)
     x_u8, y = load_dataset("digits", "test")
-    cos = pairwise_cosine(member_input_gradients(members, x_u8[:EXAMPLES].float() / 255, y[:EXAMPLES]))
+    cos = pairwise_cosines(member_input_gradients(members, x_u8[:EXAMPLES].float() / 255, y[:EXAMPLES]))
     assert torch.allclose(torch.tensor(doc["coherence"]), coherence(cos), atol=1e-6)
     assert torch.allclose(torch.tensor(doc["mean_cosine_per_pair"]), cos.mean(0), atol=1e-6)
 

@@ -33,8 +33,7 @@ def test_an_attack_named_alone_runs_with_its_own_defaults_and_records_them(name,
     (record,) = [r for r in doc["results"] if r["model"] == "mixture" and r["attack"] == name.value]
     expected = AttackSpec(name, eps).resolved_params()
     assert record["params"] == expected and record["eps"] == eps
-    fixed_step = (AttackName.R_FGSM, AttackName.PGD_LINF_REPORT, AttackName.PGD_L2_REPORT)  # not a PGD step rule
-    if "alpha" in expected and name not in fixed_step:
+    if "alpha" in ATTACKS[name].derived and "steps" in expected:  # a step scaled to eps, taken `steps` times
         assert expected["alpha"] * expected["steps"] >= eps  # the default step reaches the budget
     if "steps" in ATTACKS[name].tunable() and name.value.startswith("apgd"):
         assert record["params"]["steps"] == 100  # APGD's own 100 iterations, never a CLI default

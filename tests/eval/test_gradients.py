@@ -1,4 +1,6 @@
-"""Gradient alignment (GAL paper eqs. 6-8) and the GAAS analysis (section 4.4)."""
+"""Gradient alignment (GAL paper eqs. 6-8) measured on models, and the GAAS analysis (section 4.4).
+
+The equations by hand: tests/test_geometry.py."""
 
 from __future__ import annotations
 
@@ -9,16 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from phalanx.eval.gradients import (
-    coherence,
-    gaas,
-    gaas_directions,
-    gal,
-    gradient_alignment,
-    hadamard,
-    member_input_gradients,
-    pairwise_cosine,
-)
+from phalanx.eval.gradients import gaas, gaas_directions, gradient_alignment, hadamard, member_input_gradients
 
 
 def _linear(seed: int, d: int = 16, classes: int = 3) -> nn.Module:
@@ -34,18 +27,6 @@ def test_identical_members_have_cosine_one_and_the_model_is_left_alone():
     assert torch.allclose(torch.tensor(out["cosine"]), torch.ones(6, 1), atol=1e-6)
     assert out["pairs"] == [[0, 1]] and out["n"] == 6
     assert m.training and all(p.requires_grad and p.grad is None for p in m.parameters())
-
-
-def test_coherence_and_gal_by_hand():
-    # three gradients for one example: e1, e2 and (e1 + e2) / sqrt(2)
-    g = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 1.0]]])
-    cos = pairwise_cosine(g)  # pairs (0,1), (0,2), (1,2)
-    s = 1 / math.sqrt(2)
-    assert torch.allclose(cos, torch.tensor([[0.0, s, s]]))
-    assert torch.allclose(coherence(cos), torch.tensor([s]))
-    assert torch.allclose(gal(cos), torch.tensor([math.log(math.exp(0.0) + 2 * math.exp(s))]))
-    two = pairwise_cosine(torch.tensor([[[1.0, 0.0]], [[-2.0, 0.0]]]))
-    assert torch.allclose(two, torch.tensor([[-1.0]])) and torch.allclose(gal(two), torch.tensor([-1.0]))
 
 
 def test_member_gradients_are_the_ce_input_gradients():

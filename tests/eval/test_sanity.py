@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from phalanx.config import AttackConfig
+from phalanx.attacks import AttackSpec
 from phalanx.eval.sanity import (
     PREFIX,
     apply_sanity_checks,
@@ -62,9 +62,9 @@ class Masked(nn.Module):
         return self.inner(x.detach()) + 0 * x.sum()
 
 
-ATTACKS = [AttackConfig("fgsm", 0.05), AttackConfig("pgd-linf", 0.05, alpha=0.0125, steps=10),
-           AttackConfig("i-fgsm", 0.05, steps=10), AttackConfig("fgsm", 0.1),
-           AttackConfig("pgd-linf", 0.1, alpha=0.025, steps=10)]
+ATTACKS = [AttackSpec("fgsm", 0.05), AttackSpec("pgd-linf", 0.05, {"alpha": 0.0125, "steps": 10}),
+           AttackSpec("i-fgsm", 0.05, {"steps": 10}), AttackSpec("fgsm", 0.1),
+           AttackSpec("pgd-linf", 0.1, {"alpha": 0.025, "steps": 10})]
 
 
 def test_a_sound_evaluation_has_no_warnings_and_a_strongest_row():

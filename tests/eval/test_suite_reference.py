@@ -56,12 +56,13 @@ def test_standard_suite_agrees_with_the_reference_within_one_point(fixture, norm
 
 
 def test_suite_records_hold_each_stage_and_the_worst_case_covers_both_suites(digits_ensemble):
-    from phalanx.config import AttackConfig, SuiteConfig
+    from phalanx.attacks import AttackSpec
+    from phalanx.config import SuiteConfig
     from phalanx.eval.whitebox import evaluate_whitebox
 
     mixture, x, y = digits_ensemble
     x, y = x[:40], y[:40]
-    records = evaluate_whitebox(mixture, x, y, [AttackConfig("pgd-linf", 0.1)],
+    records = evaluate_whitebox(mixture, x, y, [AttackSpec("pgd-linf", 0.1)],
                                 suites=[SuiteConfig("autoattack", 0.1, models="mixture"),
                                         SuiteConfig("ensemble", 0.1, models="mixture")])
     mix = {r["attack"]: r for r in records if r["model"] == "mixture"}

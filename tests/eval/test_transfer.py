@@ -9,7 +9,7 @@ import torch
 
 from phalanx.attacks import AttackSpec
 from phalanx.attacks.core import Loss, input_gradient, per_example_loss
-from phalanx.config import AttackConfig, load_config
+from phalanx.config import load_config
 from phalanx.eval import transfer
 from phalanx.eval.stats import wilson_interval
 from phalanx.eval.tables import paired_eps_table
@@ -25,8 +25,9 @@ from phalanx.train.loop import train
 
 TINY = ["data.dataset=digits", "data.train_subset=256", "model.members=2", "train.epochs=1",
         "train.batch_size=64", "device=cpu", "optim.name=adam", "optim.lr=0.003"]
-ATTACKS = [AttackConfig("fgsm", 0.1), AttackConfig("i-fgsm", 0.1, steps=3), AttackConfig("pgd-cw", 0.1, steps=3),
-           AttackConfig("fgsm", 0.3), AttackConfig("i-fgsm", 0.3, steps=3)]
+ATTACKS = [AttackSpec("fgsm", 0.1), AttackSpec("i-fgsm", 0.1, {"steps": 3}),
+           AttackSpec("pgd-cw", 0.1, {"steps": 3}), AttackSpec("fgsm", 0.3),
+           AttackSpec("i-fgsm", 0.3, {"steps": 3})]
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,22 @@ def test_transfer_refuses_attacks_it_cannot_average_and_mixed_datasets(runs, tmp
         craft_transfer_set([runs[0]], [AttackSpec("apgd-dlr", 0.1)], examples=4, seed=0, out_path=tmp_path)
     with pytest.raises(ValueError, match="at least one surrogate"):
         craft_transfer_set([], ATTACKS, examples=4, seed=0, out_path=tmp_path)
+
+
+@pytest.mark.parametrize("name, surrogate_loss", [
+    ("fgsm", Loss.CE), ("pgd-cw", Loss.CW), ("square", Loss.CW), ("apgd-dlr", None), ("apgd-dlr-l2", None),
+    ("apgd-t", None)])
+def test_the_surrogate_averages_the_loss_the_registry_entry_states(name, surrogate_loss, monkeypatch):
+    members = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 5)) for _ in range(2)]
+    x, y = torch.rand(3, 1, 4, 4), torch.tensor([0, 1, 2])
+    if surrogate_loss is None:
+        with pytest.raises(ValueError, match=f"{name}' cannot attack an average-loss surrogate.*dlr loss"):
+            transfer.craft_on_surrogate(members, x, y, [AttackSpec(name, 0.1)], seed=0)
+        return
+    seen = []
+    monkeypatch.setattr(transfer, "run_attack", lambda spec, model, xb, *_: seen.append(model.loss) or xb)
+    transfer.craft_on_surrogate(members, x, y, [AttackSpec(name, 0.1)], seed=0)
+    assert seen == [surrogate_loss]
 
 
 def test_gal_presets_are_table_2():

@@ -7,7 +7,7 @@ import yaml
 
 from phalanx.report import write_report
 from phalanx.report.figures import eps_label
-from phalanx.report.render import read_run_data
+from phalanx.report.run_data import read_run_data
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EPS = [2 / 255, 4 / 255, 8 / 255]

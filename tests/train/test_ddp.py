@@ -37,6 +37,7 @@ TRS = ["train.method=trs", "method.init_delta=0", "method.final_delta=0", "metho
 
 
 @pytest.mark.parametrize("method", [[], DVERGE, ADP, TRS], ids=["baseline", "dverge", "adp", "trs"])
+@pytest.mark.integration  # runs phalanx in a subprocess
 def test_two_gloo_processes_match_one_process(tmp_path, method):
     settings = SETTINGS + method
     single = train(load_config(None, settings), tmp_path / "single", progress=False)

@@ -59,7 +59,7 @@ def test_mixed_architectures_draw_each_members_own_layer():
     method.start_epoch(0, members, rng)
     out = method.loss(members, _batch(4, spec), rng)
     out.loss.backward()
-    assert len(out.member_losses) == 2 and torch.isfinite(out.loss)
+    assert len(out.member_losses.tolist()) == 2 and torch.isfinite(out.loss)
     assert all(p.grad is not None for m in members for p in m.parameters())
 
 
@@ -74,7 +74,7 @@ def test_member_gets_gradient_only_from_its_own_term():
     xs = [distill_with(m, batch.x_source, batch.x, layer="conv2", config=method.cfg.distill, generator=rng)
           for m in members]
     term0 = sum(F.cross_entropy(members[0](xs[j]), batch.y_source) for j in (1, 2))
-    assert float(term0.detach()) == pytest.approx(out.member_losses[0], rel=1e-5)
+    assert float(term0.detach()) == pytest.approx(out.member_losses.tolist()[0], rel=1e-5)
     term0.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in members[0].parameters())
     assert all(p.grad is None for m in members[1:] for p in m.parameters())
@@ -104,7 +104,7 @@ def test_fast_equals_plain(arch, layer, stacking):
     out.loss.backward()
     opt.step()
 
-    assert out.member_losses == pytest.approx(plain_losses, rel=1e-9)
+    assert out.member_losses.tolist() == pytest.approx(plain_losses, rel=1e-9)
     assert (method._stack is not None) == (stacking == "always" or (arch == "conv" and stacking == "auto"))
     for mp, mf in zip(plain, fast):
         for (name, pp), pf in zip(mp.named_parameters(), mf.parameters()):
@@ -127,7 +127,7 @@ def test_stacked_equals_member_by_member(arch, layer, plus_adv, clean_weight):
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        runs[stacking] = (out.member_losses, [m.state_dict() for m in members])
+        runs[stacking] = (out.member_losses.tolist(), [m.state_dict() for m in members])
     assert runs["always"][0] == pytest.approx(runs["never"][0], rel=1e-9)
     for a, b in zip(runs["always"][1], runs["never"][1]):
         for key in a:
@@ -162,8 +162,8 @@ def test_plus_adv_adds_the_adversarial_term():
     plain = Dverge(DvergeConfig(fixed_layer="fc2", distill=DistillConfig(steps=2)))
     div = plain.loss(members, _batch(), torch.Generator().manual_seed(0))
     # loss_i = coeff * div_i + CE(f_i(PGD_i(x_s)), y_s) with a non-negative CE
-    assert all(a >= 0.5 * d - 1e-6 for a, d in zip(out.member_losses, div.member_losses))
-    assert out.extras["diversity_loss"] == pytest.approx(div.extras["diversity_loss"], rel=1e-5)
+    assert all(a >= 0.5 * d - 1e-6 for a, d in zip(out.member_losses.tolist(), div.member_losses.tolist()))
+    assert float(out.extras["diversity_loss"]) == pytest.approx(float(div.extras["diversity_loss"]), rel=1e-5)
 
 
 def test_clean_weight_adds_report_eq4_clean_term():
@@ -176,9 +176,9 @@ def test_clean_weight_adds_report_eq4_clean_term():
     out = both.loss(members, batch, torch.Generator().manual_seed(0))
     with torch.no_grad():
         clean = [float(F.cross_entropy(m(batch.x), batch.y)) for m in members]
-    expected = [0.5 * d + 2.0 * c for d, c in zip(plain.member_losses, clean)]
-    assert out.member_losses == pytest.approx(expected, rel=1e-5)
-    assert out.extras["clean_loss"] == pytest.approx(sum(clean) / 3, rel=1e-5)
+    expected = [0.5 * d + 2.0 * c for d, c in zip(plain.member_losses.tolist(), clean)]
+    assert out.member_losses.tolist() == pytest.approx(expected, rel=1e-5)
+    assert float(out.extras["clean_loss"]) == pytest.approx(sum(clean) / 3, rel=1e-5)
     with pytest.raises(ValueError, match="clean_weight"):
         DvergeConfig(clean_weight=-1.0)
 
@@ -202,7 +202,7 @@ def test_training_on_digits_lowers_within_ensemble_transferability():
     transferability matrix) must rise, i.e. transfer less, while clean accuracy stays high.
     """
     datasets = pytest.importorskip("sklearn.datasets")
-    from phalanx.eval.diversity import transferability_matrix
+    from phalanx.attacks.diversity import transferability_matrix
 
     digits = datasets.load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16

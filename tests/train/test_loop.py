@@ -9,7 +9,8 @@ from phalanx.config import ConfigError, load_config
 from phalanx.models import Mixture
 from phalanx.runs import RunDirError, locked, read_metrics
 from phalanx.train import loop
-from phalanx.train.loop import TrainingDiverged, lr_at, train
+from phalanx.train.loop import TrainingDiverged, train
+from phalanx.train.optimization import lr_at
 
 TINY = ["data.dataset=digits", "data.train_subset=256", "model.members=2", "train.epochs=3",
         "train.batch_size=64", "optim.name=adam", "optim.lr=0.003", "device=cpu"]

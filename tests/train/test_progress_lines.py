@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import subprocess
 import sys
 
 
+@pytest.mark.integration  # runs phalanx in a subprocess
 def test_training_into_a_pipe_prints_one_line_per_epoch(tmp_path):
     args = [sys.executable, "-m", "phalanx.cli", "train", "quickstart/baseline", "--set", "data.dataset=digits", "--set", "model.members=2",
             "--set", "train.epochs=2", "--set", "train.batch_size=32", "--set", "data.train_subset=256",

@@ -56,6 +56,7 @@ def _kill_when(proc, ckpt_dir, seen, timeout=60.0):
     raise AssertionError("no checkpoint appeared in time")
 
 
+@pytest.mark.integration  # runs phalanx in a subprocess
 def test_sigkilled_run_resumes_to_bit_identical_weights(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     straight = tmp_path / "straight"

@@ -79,6 +79,7 @@ def test_an_interrupted_rrm_run_resumes_bit_identical(tmp_path, teacher_run, mon
     assert read_metrics(straight)[-1]["train_loss"] == read_metrics(tmp_path / "resumed")[-1]["train_loss"]
 
 
+@pytest.mark.integration  # runs phalanx in a subprocess
 def test_two_gloo_processes_train_the_projection_as_one_process(tmp_path, teacher_run):
     import os
     import subprocess

@@ -1,53 +1,65 @@
-"""Adversarial attacks as functions `attack(model, x, y, **params) -> x_adv` on one template (core.py)."""
+"""Adversarial attacks as functions `attack(model, x, y, **params) -> x_adv` on one template (core.py):
+every attack carries the `attack` decorator (argument checks, eval mode, the threat-model post-condition)."""
 
 from phalanx.attacks.apgd import apgd, apgd_checkpoints, apgd_t, dlr_objective
 from phalanx.attacks.core import (
     Ensemble,
     Loss,
     Norm,
+    Objective,
+    attack,
     attack_mode,
     attack_objective,
     coerce_ensemble,
     coerce_loss,
     coerce_norm,
+    frozen_parameters,
     input_gradient,
     iterate,
+    loss_objective,
     objective_and_logits,
+    objective_gradient,
     project,
     sample_in_ball,
     steepest_step,
     targeted_dlr,
 )
-from phalanx.attacks.cw import cw_objective, pgd_cw
+from phalanx.attacks.cw import cw_hinge, cw_objective, pgd_cw
 from phalanx.attacks.fab import fab_t
-from phalanx.attacks.fgsm import fgsm
+from phalanx.attacks.fgsm import fgsm, fgsm_per_example, fgsm_rs
 from phalanx.attacks.fgsm_family import ifgsm, l1_momentum, mifgsm, rfgsm
+from phalanx.attacks.gradient_norm import max_gradient_norm
 from phalanx.attacks.pgd import madry_step, pgd
 from phalanx.attacks.square import square
 from phalanx.attacks.transfer_attacks import input_diversity, mdi2fgsm, sgm, skip_gradient, transfer_step
 from phalanx.attacks.registry import (
     ATTACKS,
     ONE_STEP_VERSION,
+    STEP_PARAMETERS,
     AttackEntry,
     AttackName,
     AttackSpec,
     attack_in_batches,
     coerce_attack_name,
+    report_attacks,
     run_attack,
 )
 
 __all__ = [
     "ATTACKS",
     "ONE_STEP_VERSION",
+    "STEP_PARAMETERS",
     "AttackEntry",
     "AttackName",
     "AttackSpec",
     "Ensemble",
     "Loss",
     "Norm",
+    "Objective",
     "apgd",
     "apgd_checkpoints",
     "apgd_t",
+    "attack",
     "attack_in_batches",
     "attack_mode",
     "attack_objective",
@@ -55,22 +67,30 @@ __all__ = [
     "coerce_ensemble",
     "coerce_loss",
     "coerce_norm",
+    "cw_hinge",
     "cw_objective",
     "dlr_objective",
     "fab_t",
     "fgsm",
+    "fgsm_per_example",
+    "fgsm_rs",
+    "frozen_parameters",
     "ifgsm",
     "input_diversity",
     "input_gradient",
     "iterate",
     "l1_momentum",
+    "loss_objective",
     "madry_step",
+    "max_gradient_norm",
     "mdi2fgsm",
     "mifgsm",
     "objective_and_logits",
+    "objective_gradient",
     "pgd",
     "pgd_cw",
     "project",
+    "report_attacks",
     "rfgsm",
     "run_attack",
     "sample_in_ball",

@@ -8,6 +8,7 @@ checkpoints where progress stalled, restarting from the best point found so far.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,14 +18,9 @@ from phalanx.attacks.core import (
     Loss,
     Norm,
     _per_example,
-    attack_mode,
+    attack,
     attack_objective,
     check_count,
-    check_eps,
-    check_inputs,
-    coerce_ensemble,
-    coerce_loss,
-    coerce_norm,
     is_worse_case,
     objective_and_logits,
     project,
@@ -33,6 +29,7 @@ from phalanx.attacks.core import (
     succeeded,
     targeted_dlr,
 )
+from phalanx.errors import UsageError
 from phalanx.models.mixture import mixture_log_probs
 
 
@@ -105,13 +102,17 @@ def _apgd_run(x: torch.Tensor, x_start: torch.Tensor, evaluate: Evaluate, *, eps
     return best.detach(), best_success
 
 
-def _check_apgd_args(x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, restarts: int) -> None:
-    check_eps(eps)
-    check_count("steps", steps)
-    check_count("restarts", restarts)
-    check_inputs(x, y)
+def _apgd_arguments(args: dict[str, Any]) -> None:
+    check_count("steps", args["steps"])
+    check_count("restarts", args["restarts"])
 
 
+def _apgd_t_arguments(args: dict[str, Any]) -> None:
+    _apgd_arguments(args)
+    check_count("target_classes", args["target_classes"])
+
+
+@attack(check=_apgd_arguments)
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
          loss: Loss | str = "ce", norm: Norm | str = "linf", momentum: float = 0.75, rho: float = 0.75,
          random_start: bool = True, restarts: int = 1, targeted: bool = False, ensemble: Ensemble | str = "output",
@@ -131,9 +132,6 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step
     ensemble: the function of an ensemble the loss is taken on (losses.Ensemble; "output" for any model).
     Example: ``x_adv = apgd(model, x, y, eps=8/255, steps=100, loss="dlr")``.
     """
-    norm, loss, ensemble = coerce_norm(norm), coerce_loss(loss), coerce_ensemble(ensemble)
-    _check_apgd_args(x, y, eps, steps, restarts)
-    x = x.detach()
     if x.shape[0] == 0:
         return x.clone()
 
@@ -147,9 +145,8 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step
             return value.detach(), grad, succeeded(logits.detach(), ys, targeted=targeted)
         return _apgd_run(xs, start, evaluate, eps=eps, steps=steps, norm=norm, momentum=momentum, rho=rho)
 
-    with attack_mode(model):
-        return _with_restarts(x, y, runner, eps=eps, norm=norm, restarts=restarts if random_start else 1,
-                              random_start=random_start, generator=generator)
+    return _with_restarts(x, y, runner, eps=eps, norm=norm, restarts=restarts if random_start else 1,
+                          random_start=random_start, generator=generator)
 
 
 Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -174,6 +171,7 @@ def _with_restarts(x: torch.Tensor, y: torch.Tensor, runner: Runner, *, eps: flo
     return out
 
 
+@attack(check=_apgd_t_arguments)
 def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
            target_classes: int = 9, norm: Norm | str = "linf", momentum: float = 0.75, rho: float = 0.75,
            random_start: bool = True, restarts: int = 1, ensemble: Ensemble | str = "output",
@@ -187,45 +185,40 @@ def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, st
 
     Example: ``x_adv = apgd_t(model, x, y, eps=8/255)``.
     """
-    norm, ensemble = coerce_norm(norm), coerce_ensemble(ensemble)
-    _check_apgd_args(x, y, eps, steps, restarts)
-    check_count("target_classes", target_classes)
-    x = x.detach()
     if x.shape[0] == 0:
         return x.clone()
     out = x.clone()
-    with attack_mode(model):
+    with torch.no_grad():
+        clean = model(x)
+    if clean.shape[1] < 4:
+        raise UsageError(f"APGD-T's targeted DLR loss needs at least 4 classes, got {clean.shape[1]}")
+    ranked = clean.argsort(dim=1, descending=True)
+    done = clean.argmax(dim=1) != y
+    for rank in range(1, min(target_classes, clean.shape[1] - 1) + 1):
+        # as autopgd_base.py: the target is the (rank + 1)-th class of the clean logits; the examples left
+        # are classified correctly, so their true class is first and never a target
+        idx = (~done).nonzero().squeeze(1)
+        if len(idx) == 0:
+            break
+        target = ranked[idx, rank]
+
+        def runner(xs: torch.Tensor, ys: torch.Tensor, start: torch.Tensor,
+                   target: torch.Tensor = target) -> tuple[torch.Tensor, torch.Tensor]:
+            def evaluate(x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                with torch.enable_grad():
+                    x_req = x_k.detach().requires_grad_(True)
+                    value, logits = _targeted_dlr_objective(model, x_req, ys, target, ensemble)
+                    (grad,) = torch.autograd.grad(value.sum(), x_req)
+                return value.detach(), grad, succeeded(logits.detach(), ys, targeted=False)
+            return _apgd_run(xs, start, evaluate, eps=eps, steps=steps, norm=norm, momentum=momentum, rho=rho)
+
+        x_adv = _with_restarts(x[idx], y[idx], runner, eps=eps, norm=norm,
+                               restarts=restarts if random_start else 1, random_start=random_start,
+                               generator=generator)
         with torch.no_grad():
-            clean = model(x)
-        if clean.shape[1] < 4:
-            raise ValueError(f"APGD-T's targeted DLR loss needs at least 4 classes, got {clean.shape[1]}")
-        ranked = clean.argsort(dim=1, descending=True)
-        done = clean.argmax(dim=1) != y
-        for rank in range(1, min(target_classes, clean.shape[1] - 1) + 1):
-            # as autopgd_base.py: the target is the (rank + 1)-th class of the clean logits; the examples left
-            # are classified correctly, so their true class is first and never a target
-            idx = (~done).nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            target = ranked[idx, rank]
-
-            def runner(xs: torch.Tensor, ys: torch.Tensor, start: torch.Tensor,
-                       target: torch.Tensor = target) -> tuple[torch.Tensor, torch.Tensor]:
-                def evaluate(x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-                    with torch.enable_grad():
-                        x_req = x_k.detach().requires_grad_(True)
-                        value, logits = _targeted_dlr_objective(model, x_req, ys, target, ensemble)
-                        (grad,) = torch.autograd.grad(value.sum(), x_req)
-                    return value.detach(), grad, succeeded(logits.detach(), ys, targeted=False)
-                return _apgd_run(xs, start, evaluate, eps=eps, steps=steps, norm=norm, momentum=momentum, rho=rho)
-
-            x_adv = _with_restarts(x[idx], y[idx], runner, eps=eps, norm=norm,
-                                   restarts=restarts if random_start else 1, random_start=random_start,
-                                   generator=generator)
-            with torch.no_grad():
-                fooled = model(x_adv).argmax(dim=1) != y[idx]
-            out[idx[fooled]] = x_adv[fooled]
-            done[idx[fooled]] = True
+            fooled = model(x_adv).argmax(dim=1) != y[idx]
+        out[idx[fooled]] = x_adv[fooled]
+        done[idx[fooled]] = True
     return out
 
 
@@ -236,6 +229,6 @@ def _targeted_dlr_objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         logits = model(x)
         return targeted_dlr(logits, y, target), logits
     if ensemble is not Ensemble.MEAN_LOGITS:
-        raise ValueError(f"APGD-T takes ensemble 'output' or 'mean-logits', got {ensemble.value!r}")
+        raise UsageError(f"APGD-T takes ensemble 'output' or 'mean-logits', got {ensemble.value!r}")
     member_logits = model.member_logits(x)
     return targeted_dlr(member_logits.mean(dim=0), y, target), mixture_log_probs(member_logits)

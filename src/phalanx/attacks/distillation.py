@@ -9,13 +9,13 @@ L1-normalized gradient accumulated as g = mu * g + grad / ||grad||_1).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from phalanx.attacks.core import frozen_parameters
 from phalanx.models.stacked import StackedMembers
 
 
@@ -45,20 +45,6 @@ def _check(eps: float, step_size: float, steps: int, momentum: float | None) -> 
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     if momentum is not None and not momentum >= 0:
         raise ValueError(f"momentum must be None (off) or >= 0, got {momentum}")
-
-
-@contextlib.contextmanager
-def frozen_parameters(*models: nn.Module) -> Iterator[None]:
-    """Parameters stop requiring grad inside the block (input gradients only), restored after."""
-    params = [p for m in models for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
 
 
 def signed_descent(

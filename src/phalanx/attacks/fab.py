@@ -12,6 +12,7 @@ FAB steps back towards x, so that it ends close to the smallest perturbation on 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,16 +21,15 @@ from phalanx.attacks.core import (
     _TINY,
     Norm,
     _per_example,
-    attack_mode,
+    attack,
     check_count,
-    check_eps,
-    check_inputs,
     coerce_norm,
     norms,
     project,
     steepest_step,
     succeeded,
 )
+from phalanx.errors import UsageError
 
 # as fab_base.py: the norms of the two projection steps are floored at 1e-8 before alpha is formed
 _MIN_STEP_NORM = 1e-8
@@ -176,9 +176,18 @@ def _check_range(name: str, value: float, lo: float, hi: float, *, open_lo: bool
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if not (ok and (value > lo if open_lo else value >= lo) and value <= hi):
         bracket = "(" if open_lo else "["
-        raise ValueError(f"{name} must be a number in {bracket}{lo:g}, {hi:g}], got {value!r}")
+        raise UsageError(f"{name} must be a number in {bracket}{lo:g}, {hi:g}], got {value!r}")
 
 
+def _fab_t_arguments(args: dict[str, Any]) -> None:
+    for name in ("steps", "target_classes", "restarts"):
+        check_count(name, args[name])
+    _check_range("alpha_max", args["alpha_max"], 0.0, 1.0)
+    _check_range("eta", args["eta"], 1.0, math.inf)
+    _check_range("beta", args["beta"], 0.0, 1.0, open_lo=True)
+
+
+@attack(check=_fab_t_arguments)
 def fab_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: Norm | str = "linf",
           steps: int = 100, target_classes: int = 9, restarts: int = 1, alpha_max: float = 0.1,
           eta: float = 1.05, beta: float = 0.9, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -196,37 +205,27 @@ def fab_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, nor
     the paper's and fab_base.py's defaults 0.1, 1.05, 0.9.
     Example: ``x_adv = fab_t(model, x, y, eps=8/255, norm="linf")``.
     """
-    norm = coerce_norm(norm)
-    check_eps(eps)
-    check_count("steps", steps)
-    check_count("target_classes", target_classes)
-    check_count("restarts", restarts)
-    _check_range("alpha_max", alpha_max, 0.0, 1.0)
-    _check_range("eta", eta, 1.0, math.inf)
-    _check_range("beta", beta, 0.0, 1.0, open_lo=True)
-    check_inputs(x, y)
-    x, y = x.detach(), y.to(device=x.device, dtype=torch.long)
+    y = y.to(device=x.device, dtype=torch.long)
     x_adv = x.clone()
     if x.shape[0] == 0 or eps == 0:  # nothing to attack, or no misclassified point within eps
         return x_adv
-    with attack_mode(model):
-        with torch.no_grad():
-            logits = model(x)
-        # as fab_base.py: only the correctly classified points are attacked
-        robust = ~succeeded(logits, y, targeted=False)
-        count = min(target_classes, logits.shape[1] - 1)
-        # as fab_base.py: the targets are the 2nd to (count + 1)-th highest clean logits
-        targets = logits.scatter(1, y[:, None], -math.inf).topk(count, dim=1).indices
-        for j in range(count):
-            for restart in range(restarts):
-                idx = robust.nonzero().squeeze(1)
-                if idx.numel() == 0:
-                    return project(x_adv, x, eps=eps, norm=norm)
-                x_i = x[idx]
-                # as fab_base.py: the first restart starts at the clean point
-                start = x_i if restart == 0 else random_start(x_i, eps=eps, norm=norm, generator=generator)
-                fooled, found = fab_run(model, x_i, y[idx], targets[idx, j], start, eps=eps, norm=norm,
-                                        steps=steps, alpha_max=alpha_max, eta=eta, beta=beta)
-                x_adv[idx[fooled]] = found[fooled]
-                robust[idx[fooled]] = False
+    with torch.no_grad():
+        logits = model(x)
+    # as fab_base.py: only the correctly classified points are attacked
+    robust = ~succeeded(logits, y, targeted=False)
+    count = min(target_classes, logits.shape[1] - 1)
+    # as fab_base.py: the targets are the 2nd to (count + 1)-th highest clean logits
+    targets = logits.scatter(1, y[:, None], -math.inf).topk(count, dim=1).indices
+    for j in range(count):
+        for restart in range(restarts):
+            idx = robust.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                return project(x_adv, x, eps=eps, norm=norm)
+            x_i = x[idx]
+            # as fab_base.py: the first restart starts at the clean point
+            start = x_i if restart == 0 else random_start(x_i, eps=eps, norm=norm, generator=generator)
+            fooled, found = fab_run(model, x_i, y[idx], targets[idx, j], start, eps=eps, norm=norm,
+                                    steps=steps, alpha_max=alpha_max, eta=eta, beta=beta)
+            x_adv[idx[fooled]] = found[fooled]
+            robust[idx[fooled]] = False
     return project(x_adv, x, eps=eps, norm=norm)

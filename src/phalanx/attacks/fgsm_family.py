@@ -6,6 +6,8 @@ for MI-FGSM, a gradient transform (the momentum).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -15,18 +17,38 @@ from phalanx.attacks.core import (
     Loss,
     Norm,
     _per_example,
-    attack_mode,
+    attack,
     check_count,
-    check_eps,
-    check_inputs,
-    coerce_norm,
     input_gradient,
     iterate,
+    loss_objective,
     project,
     steepest_step,
 )
+from phalanx.errors import UsageError
 
 
+def _rfgsm_arguments(args: dict[str, Any]) -> None:
+    eps = args["eps"]
+    if args["alpha"] is None:
+        args["alpha"] = eps / 2
+    alpha = args["alpha"]
+    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= eps):
+        raise UsageError(f"alpha must be a number in [0, eps] = [0, {eps:g}], got {alpha!r}")
+
+
+def _steps_argument(args: dict[str, Any]) -> None:
+    check_count("steps", args["steps"])
+
+
+def _mifgsm_arguments(args: dict[str, Any]) -> None:
+    _steps_argument(args)
+    mu = args["mu"]
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu >= 0:
+        raise UsageError(f"mu must be a number >= 0, got {mu!r}")
+
+
+@attack(check=_rfgsm_arguments)
 def rfgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float | None = None,
           norm: Norm | str = "linf", targeted: bool = False,
           generator: torch.Generator | None = None) -> torch.Tensor:
@@ -42,21 +64,14 @@ def rfgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alp
     Args: as `fgsm`, plus 0 <= alpha <= eps and an optional generator for the random step.
     Example: ``x_adv = rfgsm(model, x, y, eps=0.03)``.
     """
-    norm = coerce_norm(norm)
-    check_eps(eps)
-    check_inputs(x, y)
-    alpha = eps / 2 if alpha is None else alpha
-    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= eps):
-        raise ValueError(f"alpha must be a number in [0, eps] = [0, {eps:g}], got {alpha!r}")
-    x = x.detach()
     device = generator.device if generator is not None else x.device
     noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
     x_rand = project(x + alpha * steepest_step(noise, norm), x, eps=eps, norm=norm)
-    with attack_mode(model):
-        grad = input_gradient(model, x_rand, y, loss=Loss.CE, targeted=targeted)
+    grad = input_gradient(model, x_rand, y, loss=Loss.CE, targeted=targeted)
     return project(x_rand + (eps - alpha) * steepest_step(grad, norm), x, eps=eps, norm=norm)
 
 
+@attack(check=_steps_argument)
 def ifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 10,
           norm: Norm | str = "linf", targeted: bool = False) -> torch.Tensor:
     """I-FGSM / BIM (Kurakin et al. 2016; GAL paper eqs. 3-4): `steps` steps of size eps / steps
@@ -64,13 +79,8 @@ def ifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, ste
 
     Example: ``x_adv = ifgsm(model, x, y, eps=0.03, steps=10)``.
     """
-    norm = coerce_norm(norm)
-    check_eps(eps)
-    check_count("steps", steps)
-    check_inputs(x, y)
-    x = x.detach()
-    with attack_mode(model):
-        return iterate(model, x, y, x, eps=eps, alpha=eps / steps, steps=steps, norm=norm, targeted=targeted)
+    return iterate(model, x, y, x, eps=eps, alpha=eps / steps, steps=steps, norm=norm,
+                   objective=loss_objective(targeted=targeted))
 
 
 def l1_momentum(mu: float) -> GradTransform:
@@ -91,6 +101,7 @@ def l1_momentum(mu: float) -> GradTransform:
     return transform
 
 
+@attack(check=_mifgsm_arguments)
 def mifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 10, mu: float = 1.0,
            norm: Norm | str = "linf", targeted: bool = False) -> torch.Tensor:
     """MI-FGSM (Dong et al. 2018, Algorithm 1): I-FGSM whose step follows the momentum `l1_momentum(mu)`;
@@ -99,13 +110,5 @@ def mifgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, st
 
     Example: ``x_adv = mifgsm(model, x, y, eps=0.03)``.
     """
-    norm = coerce_norm(norm)
-    check_eps(eps)
-    check_count("steps", steps)
-    check_inputs(x, y)
-    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu >= 0:
-        raise ValueError(f"mu must be a number >= 0, got {mu!r}")
-    x = x.detach()
-    with attack_mode(model):
-        return iterate(model, x, y, x, eps=eps, alpha=eps / steps, steps=steps, norm=norm, targeted=targeted,
-                       transform=l1_momentum(mu))
+    return iterate(model, x, y, x, eps=eps, alpha=eps / steps, steps=steps, norm=norm,
+                   objective=loss_objective(targeted=targeted), transform=l1_momentum(mu))

@@ -11,12 +11,14 @@ is always judged on the model's own output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 
 import torch
 from torch import nn
 
 from phalanx.enums import coerce_enum
+from phalanx.errors import UsageError
 from phalanx.models.mixture import mixture_log_probs
 
 
@@ -59,7 +61,7 @@ def per_example_loss(logits: torch.Tensor, y: torch.Tensor, loss: Loss) -> torch
     if loss is Loss.CW:
         return margin
     if logits.shape[1] < 3:
-        raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
+        raise UsageError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
     top = logits.topk(3, dim=1).values
     return margin / (top[:, 0] - top[:, 2] + 1e-12)
 
@@ -71,7 +73,7 @@ def targeted_dlr(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) ->
     It needs at least 4 classes.
     """
     if logits.shape[1] < 4:
-        raise ValueError(f"the targeted DLR loss needs at least 4 classes, got {logits.shape[1]}")
+        raise UsageError(f"the targeted DLR loss needs at least 4 classes, got {logits.shape[1]}")
     top = logits.topk(4, dim=1).values
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     z_t = logits.gather(1, target[:, None]).squeeze(1)
@@ -130,7 +132,7 @@ def is_ensemble(model: nn.Module) -> bool:
 
 def _member_logits(model: nn.Module, x: torch.Tensor, ensemble: Ensemble) -> torch.Tensor:
     if not is_ensemble(model):
-        raise ValueError(f"the ensemble objective {ensemble.value!r} needs an ensemble whose members' logits it can "
+        raise UsageError(f"the ensemble objective {ensemble.value!r} needs an ensemble whose members' logits it can "
                          f"read (a phalanx Mixture); got {type(model).__name__}; use ensemble='output' for one model")
     return model.member_logits(x)
 
@@ -153,15 +155,33 @@ def objective_and_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     return value, output
 
 
-def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, targeted: bool,
-                   ensemble: Ensemble = Ensemble.OUTPUT) -> torch.Tensor:
-    """The gradient of the summed attack objective with respect to the input `x` only.
+# (model, x, y) -> the value the attacker ascends at x, one per example (B,), differentiable in x
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def loss_objective(loss: Loss = Loss.CE, *, targeted: bool = False,
+                   ensemble: Ensemble = Ensemble.OUTPUT) -> Objective:
+    """The `Objective` of `objective_and_logits` with these settings: the loss of the model's
+    output (or of another function of an ensemble's members), negated when `targeted`."""
+    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return objective_and_logits(model, x, y, loss=loss, targeted=targeted, ensemble=ensemble)[0]
+    return objective
+
+
+def objective_gradient(objective: Objective, model: nn.Module, x: torch.Tensor,
+                       y: torch.Tensor) -> torch.Tensor:
+    """The gradient of the summed `objective` with respect to the input `x` only, shaped like x.
 
     Works inside `torch.no_grad()` callers; call it within `attack_mode(model)` so that
     backward computes no parameter gradients.
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        value, _ = objective_and_logits(model, x, y, loss=loss, targeted=targeted, ensemble=ensemble)
-        (grad,) = torch.autograd.grad(value.sum(), x)
+        (grad,) = torch.autograd.grad(objective(model, x, y).sum(), x)
     return grad
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Loss, targeted: bool,
+                   ensemble: Ensemble = Ensemble.OUTPUT) -> torch.Tensor:
+    """`objective_gradient` of `loss_objective(loss, targeted=targeted, ensemble=ensemble)`."""
+    return objective_gradient(loss_objective(loss, targeted=targeted, ensemble=ensemble), model, x, y)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from phalanx.attacks.core import (
-    Ensemble, Loss, Norm, attack_mode, check_alpha, check_count, check_eps, check_inputs, coerce_ensemble,
-    coerce_loss, coerce_norm, is_worse_case, iterate, objective_and_logits, sample_in_ball, succeeded,
+    Ensemble, Loss, Norm, attack, check_alpha, check_count, is_worse_case, iterate, loss_objective,
+    objective_and_logits, sample_in_ball, succeeded,
 )
 
 
@@ -17,6 +19,16 @@ def madry_step(eps: float, steps: int) -> float:
     return 2.5 * eps / steps
 
 
+def _pgd_arguments(args: dict[str, Any]) -> None:
+    check_count("steps", args["steps"])
+    if args["alpha"] is None:
+        args["alpha"] = madry_step(args["eps"], args["steps"])
+    if args["eps"] > 0 or args["alpha"] != 0:
+        check_alpha(args["alpha"])
+    check_count("restarts", args["restarts"])
+
+
+@attack(check=_pgd_arguments)
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float | None = None,
         steps: int = 10, norm: Norm | str = "linf", random_start: bool = True, restarts: int = 1,
         targeted: bool = False, generator: torch.Generator | None = None, loss: Loss | str = "ce",
@@ -38,32 +50,23 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     Returns x_adv shaped like x; x is not modified.
     Example: ``x_adv = pgd(model, x, y, eps=8/255, alpha=2/255, steps=10)``.
     """
-    norm, loss, ensemble = coerce_norm(norm), coerce_loss(loss), coerce_ensemble(ensemble)
-    check_eps(eps)
-    check_count("steps", steps)
-    alpha = madry_step(eps, steps) if alpha is None else alpha
-    if eps > 0 or alpha != 0:
-        check_alpha(alpha)
-    check_count("restarts", restarts)
-    check_inputs(x, y)
-    x = x.detach()
+    objective = loss_objective(loss, targeted=targeted, ensemble=ensemble)
     runs = restarts if random_start else 1
-    with attack_mode(model):
-        best, best_success, best_value = x, None, None
-        for _ in range(runs):
-            start = sample_in_ball(x, eps=eps, norm=norm, generator=generator) if random_start else x
-            x_adv = iterate(model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm, loss=loss,
-                            targeted=targeted, ensemble=ensemble)
-            if runs == 1:
-                return x_adv
-            with torch.no_grad():
-                value, logits = objective_and_logits(model, x_adv, y, loss=loss, targeted=targeted,
-                                                     ensemble=ensemble)
-            success = succeeded(logits, y, targeted=targeted)
-            if best_success is None or best_value is None:
-                best, best_success, best_value = x_adv, success, value
-                continue
-            better = is_worse_case(success, value, best_success, best_value)
-            best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best)
-            best_success, best_value = best_success | success, torch.where(better, value, best_value)
+    best, best_success, best_value = x, None, None
+    for _ in range(runs):
+        start = sample_in_ball(x, eps=eps, norm=norm, generator=generator) if random_start else x
+        x_adv = iterate(model, x, y, start, eps=eps, alpha=alpha, steps=steps, norm=norm,
+                        objective=objective)
+        if runs == 1:
+            return x_adv
+        with torch.no_grad():
+            value, logits = objective_and_logits(model, x_adv, y, loss=loss, targeted=targeted,
+                                                 ensemble=ensemble)
+        success = succeeded(logits, y, targeted=targeted)
+        if best_success is None or best_value is None:
+            best, best_success, best_value = x_adv, success, value
+            continue
+        better = is_worse_case(success, value, best_success, best_value)
+        best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best)
+        best_success, best_value = best_success | success, torch.where(better, value, best_value)
     return best

@@ -11,6 +11,7 @@ suite runs it with 5,000 queries, p_init 0.8, one restart and the margin loss.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,16 +20,14 @@ from phalanx.attacks.core import (
     Loss,
     Norm,
     _per_example,
-    attack_mode,
+    attack,
     check_count,
-    check_eps,
-    check_inputs,
-    coerce_norm,
     l2_norms,
     per_example_loss,
     project,
     succeeded,
 )
+from phalanx.errors import UsageError
 
 # Guards divisions by a norm that can be exactly zero (square.py adds the same 1e-12).
 _TINY = 1e-12
@@ -244,6 +243,18 @@ def _random_search(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
     return out, fooled
 
 
+def _square_arguments(args: dict[str, Any]) -> None:
+    check_count("queries", args["queries"])
+    check_count("restarts", args["restarts"])
+    p_init = args["p_init"]
+    if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0 < p_init <= 1:
+        raise UsageError(f"p_init must be a number in (0, 1], got {p_init!r}")
+    if args["x"].dim() != 4:
+        raise UsageError(f"square needs images x of shape (batch, channels, height, width), "
+                         f"got {tuple(args['x'].shape)}")
+
+
+@attack(check=_square_arguments)
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: Norm | str = "linf",
            queries: int = 5000, p_init: float = 0.8, restarts: int = 1, rescale_schedule: bool = False,
            generator: torch.Generator | None = None) -> torch.Tensor:
@@ -264,21 +275,9 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, no
     Returns x_adv shaped like x, inside the eps ball around x and [0, 1]; x is not modified.
     Example: ``x_adv = square(model, x, y, eps=8/255, norm="linf", queries=5000)``.
     """
-    norm = coerce_norm(norm)
-    check_eps(eps)
-    check_count("queries", queries)
-    check_count("restarts", restarts)
-    ok = not isinstance(p_init, bool) and isinstance(p_init, (int, float)) and 0 < p_init <= 1
-    if not ok:
-        raise ValueError(f"p_init must be a number in (0, 1], got {p_init!r}")
-    check_inputs(x, y)
-    if x.dim() != 4:
-        raise ValueError(f"square needs images x of shape (batch, channels, height, width), "
-                         f"got {tuple(x.shape)}")
-    x = x.detach()
     if x.shape[0] == 0 or eps == 0:
         return x.clone()
-    with attack_mode(model), torch.no_grad():
+    with torch.no_grad():
         out = x.clone()
         todo = ~succeeded(model(x), y, targeted=False)  # as square.py: only correctly classified examples
         for _ in range(restarts):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from math import inf
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,16 +22,14 @@ from phalanx.attacks.core import (
     Loss,
     Norm,
     _check_number,
-    attack_mode,
+    attack,
     check_alpha,
     check_count,
-    check_eps,
-    check_inputs,
-    coerce_loss,
-    coerce_norm,
     iterate,
+    loss_objective,
 )
 from phalanx.attacks.fgsm_family import l1_momentum
+from phalanx.errors import UsageError
 from phalanx.models.mixture import Mixture
 from phalanx.models.resnet import BasicBlock
 
@@ -44,12 +43,12 @@ def transfer_step(eps: float) -> float:
 
 def _check_fraction(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        raise UsageError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 def _check_square_images(x: torch.Tensor) -> None:
     if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"input diversity needs a batch of square images (batch, channels, size, size), "
+        raise UsageError(f"input diversity needs a batch of square images (batch, channels, size, size), "
                          f"got shape {tuple(x.shape)}")
 
 
@@ -92,17 +91,33 @@ class _Diversified(nn.Module):
         return self.model(diverse)
 
 
-def _checked_step(eps: float, alpha: float | None, steps: int, mu: float) -> float:
-    """The arguments both transfer attacks share, checked; returns the step (default eps / 5)."""
-    check_eps(eps)
-    check_count("steps", steps)
-    alpha = transfer_step(eps) if alpha is None else alpha
-    if eps > 0 or alpha != 0:
-        check_alpha(alpha)
-    _check_number("mu", mu, positive=False)
-    return alpha
+def _transfer_arguments(args: dict[str, Any]) -> None:
+    """The arguments both transfer attacks share, checked; the step defaults to `transfer_step(eps)`."""
+    check_count("steps", args["steps"])
+    if args["alpha"] is None:
+        args["alpha"] = transfer_step(args["eps"])
+    if args["eps"] > 0 or args["alpha"] != 0:
+        check_alpha(args["alpha"])
+    _check_number("mu", args["mu"], positive=False)
 
 
+def _mdi2fgsm_arguments(args: dict[str, Any]) -> None:
+    _transfer_arguments(args)
+    _check_fraction("p", args["p"])
+    resize_rate = args["resize_rate"]
+    number = not isinstance(resize_rate, bool) and isinstance(resize_rate, (int, float))
+    if not (number and 1 <= resize_rate < inf):
+        raise UsageError(f"resize_rate must be a finite number >= 1 (T enlarges, then pads), "
+                         f"got {resize_rate!r}")
+    _check_square_images(args["x"])
+
+
+def _sgm_arguments(args: dict[str, Any]) -> None:
+    _transfer_arguments(args)
+    _check_fraction("gamma", args["gamma"])
+
+
+@attack(check=_mdi2fgsm_arguments)
 def mdi2fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float | None = None,
              steps: int = 100, mu: float = 1.0, p: float = 0.5, resize_rate: float = 1.1,
              norm: Norm | str = "linf", loss: Loss | str = "ce", targeted: bool = False,
@@ -117,20 +132,9 @@ def mdi2fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, 
     Images must be square, (B, C, size, size). Returns x_adv shaped like x.
     Example: ``x_adv = mdi2fgsm(surrogate, x, y, eps=0.03, generator=torch.Generator().manual_seed(0))``.
     """
-    norm, loss = coerce_norm(norm), coerce_loss(loss)
-    alpha = _checked_step(eps, alpha, steps, mu)
-    _check_fraction("p", p)
-    number = not isinstance(resize_rate, bool) and isinstance(resize_rate, (int, float))
-    if not (number and 1 <= resize_rate < inf):
-        raise ValueError(f"resize_rate must be a finite number >= 1 (T enlarges, then pads), "
-                         f"got {resize_rate!r}")
-    check_inputs(x, y)
-    _check_square_images(x)
-    x = x.detach()
     diversified = _Diversified(model, p=p, resize_rate=resize_rate, generator=generator)
-    with attack_mode(model):
-        return iterate(diversified, x, y, x, eps=eps, alpha=alpha, steps=steps, norm=norm, loss=loss,
-                       targeted=targeted, transform=l1_momentum(mu))
+    return iterate(diversified, x, y, x, eps=eps, alpha=alpha, steps=steps, norm=norm,
+                   objective=loss_objective(loss, targeted=targeted), transform=l1_momentum(mu))
 
 
 # --- SGM ---------------------------------------------------------------------------------------------
@@ -146,12 +150,12 @@ def skip_gradient(model: nn.Module, gamma: float) -> Iterator[None]:
     Every phalanx ResNet block in `model` is hooked, so a Mixture of ResNets has all its members
     hooked; its members run one call each inside (a stacked copy would bypass the hooks). Hooks and
     Mixture settings are restored on exit, also on exception. A model without residual blocks is
-    refused with a ValueError, before anything is changed.
+    refused with a UsageError (a ValueError), before anything is changed.
     """
     _check_fraction("gamma", gamma)
     blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
     if not blocks:
-        raise ValueError(f"SGM needs a ResNet surrogate (a model with residual blocks: phalanx's ResNet or a "
+        raise UsageError(f"SGM needs a ResNet surrogate (a model with residual blocks: phalanx's ResNet or a "
                          f"Mixture of them); {type(model).__name__} has none")
     mixtures = [(m, m.stacked) for m in model.modules() if isinstance(m, Mixture)]
     calls = [0]
@@ -179,6 +183,7 @@ def skip_gradient(model: nn.Module, gamma: float) -> Iterator[None]:
                            f"forward did not call them")
 
 
+@attack(check=_sgm_arguments)
 def sgm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float | None = None,
         steps: int = 100, gamma: float = 0.2, mu: float = 0.0, norm: Norm | str = "linf",
         loss: Loss | str = "ce", targeted: bool = False) -> torch.Tensor:
@@ -188,15 +193,12 @@ def sgm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     with mu > 0, g_t is MI-FGSM's momentum (`l1_momentum(mu)`) of those gradients. With gamma = 1 it is
     that plain attack (PGD without random start, or MI-FGSM with step alpha).
 
-    Args: model a ResNet or a model holding ResNets (a Mixture), else ValueError; alpha > 0 (default
+    Args: model a ResNet or a model holding ResNets (a Mixture), else UsageError; alpha > 0 (default
     `transfer_step(eps)` = eps / 5); 0 <= gamma <= 1; mu >= 0; `loss` "ce" or "cw".
     Returns x_adv shaped like x.
     Example: ``x_adv = sgm(resnet_ensemble, x, y, eps=0.03)``.
     """
-    norm, loss = coerce_norm(norm), coerce_loss(loss)
-    alpha = _checked_step(eps, alpha, steps, mu)
-    check_inputs(x, y)
-    x = x.detach()
-    with skip_gradient(model, gamma), attack_mode(model):
-        return iterate(model, x, y, x, eps=eps, alpha=alpha, steps=steps, norm=norm, loss=loss,
-                       targeted=targeted, transform=l1_momentum(mu) if mu > 0 else None)
+    with skip_gradient(model, gamma):
+        return iterate(model, x, y, x, eps=eps, alpha=alpha, steps=steps, norm=norm,
+                       objective=loss_objective(loss, targeted=targeted),
+                       transform=l1_momentum(mu) if mu > 0 else None)

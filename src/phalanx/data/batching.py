@@ -20,7 +20,23 @@ import torch.nn.functional as F
 from phalanx.data.errors import DataError
 
 NOISE_KINDS = ("gaussian", "truncated")
-TRUNCATE_AT = 2.0  # truncated normal: values beyond 2 std are redrawn (as tf.truncated_normal, used by GAL)
+# The truncated normal is cut at 2 standard deviations, as TensorFlow's truncated_normal, which the
+# GAL paper's setup names ("truncated normal distribution"; the authors used TensorFlow/Cleverhans).
+TRUNCATE_AT = 2.0
+
+
+def truncated_normal(shape: torch.Size | tuple[int, ...], *, std: float, generator: torch.Generator,
+                     dtype: torch.dtype = torch.float32, bound: float = TRUNCATE_AT) -> torch.Tensor:
+    """Samples of N(0, std^2) truncated to [-bound * std, bound * std], drawn on the generator's device.
+
+    Exact inverse-CDF sampling: u uniform between Phi(-bound) and Phi(bound), then Phi^-1(u).
+    The one truncated-normal sampler of phalanx: `Augment`'s truncated noise, GAL's noisy copy
+    and EnsAdv's per-example FGSM radii.
+    """
+    lo = torch.special.ndtr(torch.tensor(-bound, dtype=torch.float64)).item()
+    u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64)
+    z = torch.special.ndtri(lo + (1 - 2 * lo) * u).clamp(-bound, bound)
+    return (z * std).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -69,11 +85,10 @@ class Augment:
             x_u8 = torch.where(mirror[:, None, None, None], x_u8.flip(3), x_u8)
         x = x_u8.float().div_(255)
         if self.noise_std:
-            z = torch.empty_like(x)
             if self.noise == "truncated":
-                torch.nn.init.trunc_normal_(z, 0.0, 1.0, -TRUNCATE_AT, TRUNCATE_AT, generator=generator)
+                z = truncated_normal(x.shape, std=1.0, generator=generator, dtype=x.dtype).to(dev)
             else:
-                z.normal_(generator=generator)
+                z = torch.empty_like(x).normal_(generator=generator)
             x = x.add_(z, alpha=self.noise_std).clamp_(0, 1)
         return x
 

@@ -183,6 +183,9 @@ SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 
 def coerce_name(name: str | DatasetName) -> DatasetName:
     """`name` as a DatasetName, or a DataError listing the known names."""
+    if name == "tensors":  # config.TENSOR_DATA
+        raise DataError("this run was trained on tensors passed in Python (phalanx.train(data=...)): its data are "
+                        "not on disk; evaluate it with phalanx.evaluate(run_dir, data=...) and the test tensors")
     return coerce_enum(DatasetName, name, "dataset", DataError)
 
 

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from phalanx.data import DatasetName, load_dataset
+from phalanx.errors import UsageError
 from phalanx.eval.gradients import gaas, gradient_alignment, hadamard
 from phalanx.files import write_json_atomic
 from phalanx.models import Mixture
 from phalanx.runs import load_members
-from phalanx.train.loop import resolve_device
+from phalanx.device import resolve_device
 
 # The GAL paper's Figure 5 uses k = 4, 25, 36, 64 with regular Hadamard matrices; none of order 25
 # exists (Hadamard orders are 1, 2 or multiples of 4), so 16 stands in for it (docs/fidelity.md)
@@ -46,7 +47,7 @@ def analysis_path(run_dir: str | Path) -> Path:
 def coherence_summary(values: Sequence[float]) -> dict[str, float]:
     """Mean, median and the fraction above `COHERENCE_THRESHOLD` of per-example coherences."""
     if not values:
-        raise ValueError("need at least one coherence value")
+        raise UsageError("need at least one coherence value")
     return {"mean": statistics.fmean(values), "median": statistics.median(values),
             "fraction_above_0.5": sum(v > COHERENCE_THRESHOLD for v in values) / len(values)}
 
@@ -54,12 +55,12 @@ def coherence_summary(values: Sequence[float]) -> dict[str, float]:
 def _check_arguments(examples: int | None, ks: Sequence[int], eps: Sequence[float] | None) -> None:
     """Refuse bad arguments before any gradient is computed (a bad k would fail late in GAAS)."""
     if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int) or examples < 1):
-        raise ValueError(f"examples must be a positive integer or None (all test examples), got {examples!r}")
+        raise UsageError(f"examples must be a positive integer or None (all test examples), got {examples!r}")
     for k in ks:
         hadamard(k)
     for e in eps or ():
         if not 0 < e <= 1:
-            raise ValueError(f"GAAS eps must lie in (0, 1] (pixel units), got {e!r}")
+            raise UsageError(f"GAAS eps must lie in (0, 1] (pixel units), got {e!r}")
 
 
 def analyze_run(run_dir: str | Path, *, examples: int | None = 1000, gaas_ks: Sequence[int] = GAAS_KS,

@@ -3,14 +3,14 @@ similarities, coherence (eq. 7) and GAL (eq. 8) per example (Figure 4's histogra
 Gradient Aligned Adversarial Subspace analysis (GAAS, Tramèr et al. 2017; GAL paper section 4.4,
 Figure 5).
 
-Everything returns plain tensors or JSON-ready dicts; models are evaluated in eval mode with their
-modes, `requires_grad` and `.grad` left as found (`attacks.attack_mode`).
+The quantities are `phalanx.geometry`'s, the functions GAL training regularizes them with; this
+module measures them on trained models. Everything returns plain tensors or JSON-ready dicts;
+models are evaluated in eval mode with their modes, `requires_grad` and `.grad` left as found
+(`attacks.attack_mode`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,45 +19,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from phalanx.attacks import attack_mode
-from phalanx.attacks.core import Loss, input_gradient
+from phalanx.errors import UsageError
+from phalanx.geometry import ce_input_gradient, coherence, gal_loss, member_pairs, pairwise_cosines
+
+
+def _ce_input_gradients_in_chunks(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                                  batch_size: int) -> torch.Tensor:
+    """`geometry.ce_input_gradient` over (x, y) in chunks of `batch_size`: shaped like x (B, ...)."""
+    if len(y) == 0:
+        return x.clone()
+    return torch.cat([ce_input_gradient(model, x[i:i + batch_size], y[i:i + batch_size])[1]
+                      for i in range(0, len(y), batch_size)])
 
 
 def member_input_gradients(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *,
                            batch_size: int = 500) -> torch.Tensor:
     """Each member's input gradient of its CE loss per example, flattened: shape (members, B, D)."""
-    out = []
-    with contextlib.ExitStack() as stack:
-        for m in members:
-            stack.enter_context(attack_mode(m))
-        for m in members:
-            out.append(torch.cat([input_gradient(m, x[i:i + batch_size], y[i:i + batch_size], loss=Loss.CE,
-                                                 targeted=False).flatten(1) for i in range(0, len(y), batch_size)]))
-    return torch.stack(out)
-
-
-def member_pairs(n: int) -> list[tuple[int, int]]:
-    """The unique pairs (a, b), a < b, in the column order of `pairwise_cosine`."""
-    return list(itertools.combinations(range(n), 2))
-
-
-def pairwise_cosine(grads: torch.Tensor) -> torch.Tensor:
-    """GAL paper eq. 6 for every unique pair of members: (members, B, D) -> (B, pairs).
-
-    A zero gradient has cosine 0 with everything (the 1e-12 guard)."""
-    if grads.dim() != 3 or grads.shape[0] < 2:
-        raise ValueError(f"need gradients shaped (members >= 2, batch, dims), got {tuple(grads.shape)}")
-    unit = grads / grads.norm(dim=2, keepdim=True).clamp(min=1e-12)
-    return torch.stack([(unit[a] * unit[b]).sum(1) for a, b in member_pairs(grads.shape[0])], dim=1)
-
-
-def coherence(cosines: torch.Tensor) -> torch.Tensor:
-    """GAL paper eq. 7: the maximum pairwise cosine similarity, per example: (B, pairs) -> (B,)."""
-    return cosines.amax(dim=1)
-
-
-def gal(cosines: torch.Tensor) -> torch.Tensor:
-    """GAL paper eq. 8: log sum_{a<b} exp(CS_ab), the smooth maximum of the cosines, per example."""
-    return torch.logsumexp(cosines, dim=1)
+    with attack_mode(*members):
+        return torch.stack([_ce_input_gradients_in_chunks(m, x, y, batch_size).flatten(1) for m in members])
 
 
 def gradient_alignment(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *,
@@ -67,9 +46,9 @@ def gradient_alignment(members: Sequence[nn.Module], x: torch.Tensor, y: torch.T
     Returns {"pairs": [[a, b], ...], "cosine": B x pairs, "coherence": [B], "gal": [B], "n": B}:
     ready for the coherence histograms of the paper's Figure 4.
     """
-    cos = pairwise_cosine(member_input_gradients(members, x, y, batch_size=batch_size))
+    cos = pairwise_cosines(member_input_gradients(members, x, y, batch_size=batch_size))
     return {"pairs": [list(p) for p in member_pairs(len(members))], "cosine": cos.tolist(),
-            "coherence": coherence(cos).tolist(), "gal": gal(cos).tolist(), "n": len(y)}
+            "coherence": coherence(cos).tolist(), "gal": gal_loss(cos).tolist(), "n": len(y)}
 
 
 # --- regular Hadamard matrices ------------------------------------------------------------------
@@ -97,10 +76,10 @@ def hadamard(k: int, *, regular: bool = True) -> torch.Tensor:
     regular=False: Sylvester's construction, k a power of 2.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        raise UsageError(f"k must be an integer >= 1, got {k!r}")
     if not regular:
         if k & (k - 1):
-            raise ValueError(f"Sylvester's construction needs k a power of 2, got {k}")
+            raise UsageError(f"Sylvester's construction needs k a power of 2, got {k}")
         h = torch.ones(1, 1)
         while h.shape[0] < k:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
@@ -111,7 +90,7 @@ def hadamard(k: int, *, regular: bool = True) -> torch.Tensor:
     while rest % 4 == 0 and rest > 1:
         rest, h = rest // 4, torch.kron(h, _regular_4())
     if rest != 1 or k == 1:
-        raise ValueError(f"no regular Hadamard matrix of order {k} is built here; allowed: 4^m or 36 * 4^m "
+        raise UsageError(f"no regular Hadamard matrix of order {k} is built here; allowed: 4^m or 36 * 4^m "
                          f"(4, 16, 36, 64, 144, 256, ...); order 25 does not exist (Hadamard orders are 1, 2 "
                          f"or multiples of 4)")
     return h
@@ -126,7 +105,7 @@ def gaas_directions(grad: torch.Tensor, k: int, eps: float) -> torch.Tensor:
     """
     b, d = grad.shape[0], grad[0].numel()
     if d < k:
-        raise ValueError(f"need at least k = {k} input dimensions, got {d}")
+        raise UsageError(f"need at least k = {k} input dimensions, got {d}")
     block = d // k
     pattern = torch.zeros(k, d, device=grad.device, dtype=grad.dtype)
     pattern[:, :block * k] = hadamard(k).to(grad).repeat_interleave(block, dim=1)
@@ -152,8 +131,7 @@ def gaas(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ks: Sequence[int
             keep = torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
                               for i in range(0, len(y), batch_size)])
         xs, ys = x[keep], y[keep]
-        grads = torch.cat([input_gradient(model, xs[i:i + batch_size], ys[i:i + batch_size], loss=Loss.CE,
-                                          targeted=False) for i in range(0, len(ys), batch_size)]) if len(ys) else xs
+        grads = _ce_input_gradients_in_chunks(model, xs, ys, batch_size)
         results = []
         cells = [(k, eps) for k in ks for eps in eps_values]
         for k, eps in tqdm(cells, desc=progress, unit="cell", leave=False, disable=progress is None):

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from phalanx.attacks import AttackName, AttackSpec
-from phalanx.config import AttackConfig
+from phalanx.attacks import AttackName, AttackSpec, report_attacks
 from phalanx.enums import coerce_enum
+from phalanx.errors import UsageError
 from phalanx.eval.measure import accuracy
 from phalanx.eval.sanity import apply_sanity_checks, check_whitebox_below_transfer
 from phalanx.eval.stats import add_ci95
@@ -58,16 +58,8 @@ def coerce_protocol(name: Protocol | str) -> Protocol:
 
 # --- the DVERGE report's evaluation script -------------------------------------------------------
 
-REPORT_EPS = 0.03  # report section 3.1
 REPORT_BATCH = 256  # the report's test_project.py: -b/--batch-size default 256 for the held-out loader
 REPORT_PASSES = 10  # "averaged on 10 tests": the script's clean accuracy, 10 reshuffled passes
-
-
-def report_attacks() -> tuple[AttackSpec, ...]:
-    """FGSM (textbook) and the script's two unprojected PGDs (5 iterations, Linf step 0.007)."""
-    return (AttackSpec(AttackName.FGSM, REPORT_EPS),
-            AttackSpec(AttackName.PGD_LINF_REPORT, REPORT_EPS),
-            AttackSpec(AttackName.PGD_L2_REPORT, REPORT_EPS))
 
 
 def last_batch_accuracies(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = REPORT_BATCH,
@@ -94,14 +86,14 @@ def heldout_split(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, list
     loader's warnings (re-emitted; they name a non-canonical copy of the dataset)."""
     from phalanx.eval.run_eval import loading
     from phalanx.runs import read_run_config
-    from phalanx.train.loop import load_training_data
+    from phalanx.data.splits import load_training_data
 
     cfg = read_run_config(run_dir)
     if cfg.data.val_size == 0:
-        raise ValueError(f"the dverge-report protocol measures on a held-out part of the training split, and "
+        raise UsageError(f"the dverge-report protocol measures on a held-out part of the training split, and "
                          f"{run_dir} trained on all of it (data.val_size = 0); train with data.val_size=1024 "
                          "data.val_from=head (the report's split) or evaluate with --protocol standard")
-    split, messages = loading(lambda: load_training_data(cfg))
+    split, messages = loading(lambda: load_training_data(cfg.data, cfg.seed))
     return split.val_x, split.val_y, messages
 
 
@@ -113,7 +105,7 @@ def evaluate_report_protocol(run_dir: str | Path, *, device: str | None = None, 
     batches); the attacks are deterministic, so `batch_size` changes only the speed.
     """
     from phalanx.eval.run_eval import display_name
-    from phalanx.train.loop import resolve_device
+    from phalanx.device import resolve_device
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -133,7 +125,7 @@ def evaluate_report_protocol(run_dir: str | Path, *, device: str | None = None, 
                         "source": "white-box", "seed": cfg.seed, "wall_time_s": time.perf_counter() - t0,
                         # clean accuracy on every attacked example, for the sanity checks and for reference
                         "accuracy_attacked": accuracy(model, x, y, batch_size)})
-        for spec in report_attacks():
+        for spec in report_attacks(scripted=True):
             record, _ = attack_record(name, model, spec, x, y, seed=cfg.seed, batch_size=batch_size,
                                       progress=f"{name} {spec.name.value}" if progress else None)
             records.append(record)
@@ -143,7 +135,7 @@ def evaluate_report_protocol(run_dir: str | Path, *, device: str | None = None, 
     sanity = apply_sanity_checks(records)
     doc = {"kind": "protocol", "protocol": Protocol.DVERGE_REPORT.value, "label": LABELS[Protocol.DVERGE_REPORT],
            "run": str(run_dir), "dataset": cfg.data.dataset, "dataset_display": display_name(cfg, messages),
-           "method": cfg.train.method, "arch": cfg.model.arch, "epoch": meta["epoch"],
+           "method": cfg.train.method, "arch": cfg.model.label, "epoch": meta["epoch"],
            "split": f"held-out training images ({len(y)}, data.val_from={cfg.data.val_from})",
            "device": str(dev), "command": _command(), "wall_time_s": time.perf_counter() - started,
            "results": records, "sanity": sanity}
@@ -158,9 +150,11 @@ AUTHORS_WHITEBOX_STEPS = 50  # DVERGE paper, section 5.1: PGD with 50 steps of e
 AUTHORS_WHITEBOX_RESTARTS = 5
 
 
-def authors_whitebox_attacks(eps_grid: Sequence[float] = AUTHORS_EPS) -> tuple[AttackConfig, ...]:
-    return tuple(AttackConfig("pgd-linf", e, alpha=e / 5, steps=AUTHORS_WHITEBOX_STEPS,
-                              restarts=AUTHORS_WHITEBOX_RESTARTS, random_start=True) for e in eps_grid)
+def authors_whitebox_attacks(eps_grid: Sequence[float] = AUTHORS_EPS) -> tuple[AttackSpec, ...]:
+    return tuple(AttackSpec(AttackName.PGD_LINF, e, {"alpha": e / 5, "steps": AUTHORS_WHITEBOX_STEPS,
+                                                      "restarts": AUTHORS_WHITEBOX_RESTARTS,
+                                                      "random_start": True})
+                 for e in eps_grid)
 
 
 AUTHORS_TRANSFER_STEPS = 100  # DVERGE authors' scripts/evaluation.sh --steps 100 (the transfer sets' names)
@@ -191,16 +185,19 @@ def evaluate_authors_protocol(run_dir: str | Path, surrogate_run_dir: str | Path
     from phalanx.eval.run_eval import display_name, loading, resolve_examples
     from phalanx.eval.transfer import craft_transfer_set, evaluate_transfer
     from phalanx.runs import read_run_config
-    from phalanx.train.loop import resolve_device
+    from phalanx.device import resolve_device
 
     started = time.perf_counter()
     run_dir, surrogate_run_dir = Path(run_dir), Path(surrogate_run_dir)
     if run_dir.resolve() == surrogate_run_dir.resolve():
-        raise ValueError("the surrogate must be a separately trained ensemble, not the evaluated run itself")
+        raise UsageError("the surrogate must be a separately trained ensemble, not the evaluated run itself")
     cfg = read_run_config(run_dir)
     n = resolve_examples(examples, cfg.eval.examples)
-    surrogate_arch = read_run_config(surrogate_run_dir).model.arch
-    specs = authors_transfer_attacks(eps_grid, resnet_surrogate=surrogate_arch.startswith("resnet"))
+    surrogate_model = read_run_config(surrogate_run_dir).model
+    surrogate_arch = surrogate_model.label
+    # SGM needs skip connections: every member a ResNet
+    resnets = all((m.arch or "").startswith("resnet") for m in surrogate_model.member_specs())
+    specs = authors_transfer_attacks(eps_grid, resnet_surrogate=resnets)
     path = craft_transfer_set([surrogate_run_dir], specs, examples=n, seed=seed,
                               out_path=Path(transfer_dir or surrogate_run_dir / "transfer"),
                               batch_size=cfg.eval.batch_size, device=device, command=_command(),
@@ -219,7 +216,7 @@ def evaluate_authors_protocol(run_dir: str | Path, surrogate_run_dir: str | Path
         record["protocol"] = Protocol.DVERGE_AUTHORS.value
     doc = {"kind": "protocol", "protocol": Protocol.DVERGE_AUTHORS.value, "label": LABELS[Protocol.DVERGE_AUTHORS],
            "run": str(run_dir), "dataset": cfg.data.dataset, "dataset_display": display_name(cfg, messages),
-           "method": cfg.train.method, "arch": cfg.model.arch, "epoch": meta["epoch"],
+           "method": cfg.train.method, "arch": cfg.model.label, "epoch": meta["epoch"],
            "surrogate_run": str(surrogate_run_dir), "surrogate_arch": surrogate_arch, "eps": list(eps_grid),
            "transfer_set": str(path), "device": str(dev), "command": _command(),
            "wall_time_s": time.perf_counter() - started, "results": whitebox + transfer["results"],

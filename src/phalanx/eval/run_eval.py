@@ -8,13 +8,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
-from phalanx.config import AttackConfig, RunConfig, SuiteConfig
+from phalanx.attacks import AttackSpec
+from phalanx.config import RunConfig, SuiteConfig
 from phalanx.data import dataset_info, load_dataset
+from phalanx.errors import UsageError
 from phalanx.eval.sanity import apply_sanity_checks
 from phalanx.eval.whitebox import evaluate_whitebox
 from phalanx.runs import load_members, write_eval_json
 from phalanx.models import Mixture
-from phalanx.train.loop import resolve_device
+from phalanx.device import resolve_device
 
 T = TypeVar("T")
 ALL_EXAMPLES: Final = "all"  # `examples=ALL_EXAMPLES`: the whole test split, whatever the run's eval.examples
@@ -28,11 +30,11 @@ def resolve_examples(examples: int | Literal["all"] | None, configured: int | No
     if examples == ALL_EXAMPLES:
         return None
     if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
-        raise ValueError(f"examples must be an integer >= 1 or {ALL_EXAMPLES!r}, got {examples!r}")
+        raise UsageError(f"examples must be an integer >= 1 or {ALL_EXAMPLES!r}, got {examples!r}")
     return examples
 
 
-def evaluate_run(run_dir: str | Path, *, attacks: Sequence[AttackConfig] | None = None,
+def evaluate_run(run_dir: str | Path, *, attacks: Sequence[AttackSpec] | None = None,
                  examples: int | Literal["all"] | None = None, device: str | None = None,
                  progress: bool = False, large_eps: float | None = None,
                  suites: Sequence[SuiteConfig] | None = None, check_convergence: bool = False) -> dict[str, Any]:
@@ -64,7 +66,7 @@ def evaluate_run(run_dir: str | Path, *, attacks: Sequence[AttackConfig] | None 
                                 suites=tuple(suites), check_convergence=check_convergence)
     doc = {
         "kind": "white-box", "run": str(run_dir), "dataset": cfg.data.dataset,
-        "dataset_display": display_name(cfg, messages), "method": cfg.train.method, "arch": cfg.model.arch,
+        "dataset_display": display_name(cfg, messages), "method": cfg.train.method, "arch": cfg.model.label,
         "epoch": meta["epoch"], "device": str(dev), "wall_time_s": time.perf_counter() - started,
         "results": records, "sanity": apply_sanity_checks(records),
     }

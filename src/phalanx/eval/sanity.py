@@ -178,8 +178,6 @@ def check_reachable_budget(records: Sequence[Mapping[str, Any]], *, slack: float
         alpha, steps = params.get("alpha"), params.get("steps")
         if params.get("check") == "large-eps" or not isinstance(alpha, (int, float)) or not isinstance(steps, int):
             continue
-        if rec["attack"] == "r-fgsm":  # its alpha is the random step; the gradient step is eps - alpha
-            continue
         if steps * alpha < rec["eps"] - slack:
             out.append(Violation("reachable-budget", i, (
                 f"{PREFIX}: {rec['model']} {rec['attack']} eps {rec['eps']:g}: {steps} steps of {alpha:g} reach only "

@@ -23,6 +23,7 @@ from torch import nn
 from phalanx.attacks import ATTACKS, AttackName, AttackSpec, attack_in_batches
 from phalanx.attacks.losses import is_ensemble
 from phalanx.enums import coerce_enum
+from phalanx.errors import UsageError
 from phalanx.eval.measure import correct_mask, max_perturbation
 
 
@@ -66,7 +67,7 @@ def suite_specs(suite: Suite | str, eps: float, norm: str = "linf") -> list[Atta
     """The attacks of `suite` at `eps`, each with its registry defaults (AutoAttack's for its four)."""
     suite = coerce_suite(suite)
     if (suite, norm) not in SUITES:
-        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        raise UsageError(f"norm must be 'linf' or 'l2', got {norm!r}")
     return [AttackSpec(name, eps) for name in SUITES[(suite, norm)]]
 
 
@@ -88,7 +89,7 @@ def run_suite(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: Suite |
     out: list[StageResult] = []
     for spec in suite_specs(suite, eps, norm):
         if ATTACKS[spec.name].ensemble_only and not applies_to(suite, model):
-            raise ValueError(f"the {suite.value} suite needs an ensemble (a phalanx Mixture), got "
+            raise UsageError(f"the {suite.value} suite needs an ensemble (a phalanx Mixture), got "
                              f"{type(model).__name__}")
         todo = robust if CASCADE[suite] else clean_correct
         idx = todo.nonzero().squeeze(1)

@@ -32,29 +32,28 @@ from torch import nn
 
 from phalanx.attacks import AttackName, AttackSpec, run_attack
 from phalanx.attacks.core import Loss, per_example_loss
-from phalanx.config import AttackConfig
 from phalanx.data import load_dataset
+from phalanx.errors import UsageError
 from phalanx.eval.sanity import apply_sanity_checks, check_whitebox_below_transfer
 from phalanx.eval.stats import add_ci95
-from phalanx.eval.whitebox import attack_spec, correct_mask, max_perturbation, named_models, strongest_records
+from phalanx.eval.whitebox import correct_mask, max_perturbation, named_models, strongest_records
 from phalanx.files import (
     DamagedFileError, DamagedFileWarning, loads_checked, read_json, write_bytes_atomic, write_json_atomic,
 )
 from phalanx.models import Mixture
 from phalanx.runs import load_members, write_eval_json
-from phalanx.train.loop import resolve_device
+from phalanx.device import resolve_device
 
 FORMAT = "phalanx-transfer-set/1"
 
 
-def _gal(eps: tuple[float, float]) -> tuple[AttackConfig, ...]:
+def _gal(eps: tuple[float, float]) -> tuple[AttackSpec, ...]:
     """FGSM, R-FGSM, I-FGSM, MI-FGSM, PGD-CW at two eps, with the paper's settings (registry defaults)."""
-    return tuple(cfg for e in eps for cfg in (
-        AttackConfig("fgsm", e), AttackConfig("r-fgsm", e), AttackConfig("i-fgsm", e, steps=10),
-        AttackConfig("mi-fgsm", e, steps=10), AttackConfig("pgd-cw", e, steps=30)))
+    names = (AttackName.FGSM, AttackName.R_FGSM, AttackName.I_FGSM, AttackName.MI_FGSM, AttackName.PGD_CW)
+    return tuple(AttackSpec(name, e) for e in eps for name in names)
 
 
-GAL_TRANSFER_ATTACKS: dict[str, tuple[AttackConfig, ...]] = {
+GAL_TRANSFER_ATTACKS: dict[str, tuple[AttackSpec, ...]] = {
     # Table 2: eps 0.03 / 0.09 for CIFAR-10, 0.1 / 0.3 for MNIST; Fashion-MNIST and the embedded
     # digits (both MNIST-like grey digits/items) take MNIST's.
     "cifar10": _gal((0.03, 0.09)),
@@ -66,6 +65,9 @@ GAL_TRANSFER_ATTACKS: dict[str, tuple[AttackConfig, ...]] = {
     "svhn": _gal((0.03, 0.09)),
     "image-folder": _gal((0.03, 0.09)),
 }
+
+
+AVERAGED_LOSSES = (Loss.CE, Loss.CW)  # the losses AverageLossSurrogate can average
 
 
 class AverageLossSurrogate(nn.Module):
@@ -98,15 +100,12 @@ class AverageLossSurrogate(nn.Module):
 
 
 def _attack_loss(spec: AttackSpec) -> Loss:
-    if spec.name in (AttackName.APGD_DLR,):
-        raise ValueError(f"attack {spec.name.value!r} cannot attack an average-loss surrogate; use a CE or CW attack")
-    if spec.name is AttackName.PGD_CW:
-        return Loss.CW
-    return Loss(spec.resolved_params().get("loss", "ce"))
-
-
-def _spec(cfg: AttackConfig | AttackSpec) -> AttackSpec:
-    return cfg if isinstance(cfg, AttackSpec) else attack_spec(cfg)
+    """The loss an `AverageLossSurrogate` averages for `spec`: the one the attack ascends (its entry)."""
+    loss = spec.loss()
+    if loss not in AVERAGED_LOSSES:
+        raise UsageError(f"attack {spec.name.value!r} cannot attack an average-loss surrogate (it ascends "
+                         f"the {loss.value} loss); use a CE or CW attack")
+    return loss
 
 
 def _describe(spec: AttackSpec) -> dict[str, Any]:
@@ -122,7 +121,7 @@ def _surrogate_identity(run_dir: Path) -> dict[str, Any]:
     return {"run": str(run_dir.resolve()), "epoch": None if ckpt is None else ckpt.meta.get("epoch")}
 
 
-def transfer_set_params(surrogate_run_dirs: Sequence[str | Path], attacks: Sequence[AttackConfig | AttackSpec], *,
+def transfer_set_params(surrogate_run_dirs: Sequence[str | Path], attacks: Sequence[AttackSpec], *,
                         examples: int | None, seed: int, surrogate_loss: str = "average",
                         first: bool = False) -> dict[str, Any]:
     """Every parameter that determines a transfer set's content (hashed into its file name)."""
@@ -130,20 +129,19 @@ def transfer_set_params(surrogate_run_dirs: Sequence[str | Path], attacks: Seque
 
     dirs = [Path(d) for d in surrogate_run_dirs]
     if not dirs:
-        raise ValueError("need at least one surrogate run directory")
+        raise UsageError("need at least one surrogate run directory")
     if surrogate_loss not in ("average", "mixture"):
-        raise ValueError(f"surrogate_loss must be 'average' or 'mixture', got {surrogate_loss!r}")
+        raise UsageError(f"surrogate_loss must be 'average' or 'mixture', got {surrogate_loss!r}")
     datasets = {read_run_config(d).data.dataset for d in dirs}
     if len(datasets) != 1:
-        raise ValueError(f"surrogate runs must share one dataset, got {sorted(datasets)}")
-    specs = [_spec(a) for a in attacks]
-    if not specs:
-        raise ValueError("need at least one attack")
-    for s in specs:
-        _attack_loss(s)
+        raise UsageError(f"surrogate runs must share one dataset, got {sorted(datasets)}")
+    if not attacks:
+        raise UsageError("need at least one attack")
+    for spec in attacks:
+        _attack_loss(spec)
     return {"format": FORMAT, "dataset": datasets.pop(), "split": "test", "examples": examples, "seed": seed,
             "surrogates": [_surrogate_identity(d) for d in dirs], "surrogate_loss": surrogate_loss,
-            "dtype": "float32", "attacks": [_describe(s) for s in specs],
+            "dtype": "float32", "attacks": [_describe(s) for s in attacks],
             **({"selection": "first"} if first else {})}  # absent for a random draw: older sets keep their hash
 
 
@@ -161,7 +159,28 @@ def _select(n_total: int, examples: int | None, seed: int, first: bool = False) 
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:examples].sort().values
 
 
-def craft_transfer_set(surrogate_run_dirs: Sequence[str | Path], attacks: Sequence[AttackConfig | AttackSpec], *,
+def craft_on_surrogate(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor,
+                       specs: Sequence[AttackSpec], *, seed: int, batch_size: int = 500,
+                       surrogate_loss: str = "average") -> list[torch.Tensor]:
+    """The adversarial examples of each attack in `specs`, crafted on the surrogate made of `members`
+    (in eval mode, on x's device): the average of their losses (`AverageLossSurrogate`), or with
+    `surrogate_loss` "mixture" the loss of their averaged probabilities. Each attack draws from a
+    generator seeded with `seed`."""
+    mixture = Mixture(list(members)).eval()
+    crafted = []
+    for spec in specs:
+        loss = _attack_loss(spec)
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        out = torch.empty_like(x)
+        for i in range(0, len(y), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            model = mixture if surrogate_loss == "mixture" else AverageLossSurrogate(members, yb, loss)
+            out[i:i + batch_size] = run_attack(spec, model, xb, yb, gen)
+        crafted.append(out)
+    return crafted
+
+
+def craft_transfer_set(surrogate_run_dirs: Sequence[str | Path], attacks: Sequence[AttackSpec], *,
                        examples: int | None, seed: int, out_path: str | Path, batch_size: int = 500,
                        device: str | None = None, command: str = "", surrogate_loss: str = "average",
                        first: bool = False) -> Path:
@@ -201,30 +220,22 @@ def craft_transfer_set(surrogate_run_dirs: Sequence[str | Path], attacks: Sequen
     idx = _select(len(y_all), examples, seed, first)
     x = x_u8[idx].to(dev).float().div_(255)
     y = y_all[idx].to(dev)
-    specs = [_spec(a) for a in attacks]
     tensors: dict[str, torch.Tensor] = {"x": x.cpu().contiguous(), "y": y.cpu().contiguous(),
                                         "indices": idx.contiguous()}
-    mixture = Mixture(members).eval()
-    for k, spec in enumerate(specs):
-        loss = _attack_loss(spec)
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        out = torch.empty_like(x)
-        for i in range(0, len(y), batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            model = mixture if surrogate_loss == "mixture" else AverageLossSurrogate(members, yb, loss)
-            out[i:i + batch_size] = run_attack(spec, model, xb, yb, gen)
+    for k, out in enumerate(craft_on_surrogate(members, x, y, attacks, seed=seed, batch_size=batch_size,
+                                               surrogate_loss=surrogate_loss)):
         tensors[f"adv.{k}"] = out.cpu().contiguous()
     blob = save_safetensors(tensors)
     write_bytes_atomic(path, blob)
     write_json_atomic(sidecar, {  # written last: the commit marker, with the checksum of the tensors
         **params, "hash": digest, "tensors_sha256": hashlib.sha256(blob).hexdigest(), "tensors_bytes": len(blob), "command": command, "surrogate_runs": [str(d) for d in surrogate_run_dirs],
         "surrogate_members": len(members), "indices": idx.tolist(), "n": len(idx),
-        "tensors": {f"adv.{k}": _describe(s) for k, s in enumerate(specs)},
+        "tensors": {f"adv.{k}": _describe(s) for k, s in enumerate(attacks)},
         "batch_size": batch_size, "device": str(dev), "wall_time_s": time.perf_counter() - started})
     return path
 
 
-class TransferSetDamaged(ValueError):
+class TransferSetDamaged(DamagedFileError):
     """A transfer set whose tensors or sidecar are unreadable or do not match."""
 
 
@@ -291,7 +302,7 @@ def evaluate_transfer(target_run_dir: str | Path, transfer_set_path: str | Path,
     tensors, meta = load_transfer_set(transfer_set_path)
     cfg = read_run_config(run_dir)
     if cfg.data.dataset != meta["dataset"]:
-        raise ValueError(f"transfer set {transfer_set_path} is on {meta['dataset']!r}, target run {run_dir} "
+        raise UsageError(f"transfer set {transfer_set_path} is on {meta['dataset']!r}, target run {run_dir} "
                          f"on {cfg.data.dataset!r}")
     members, cfg, ckpt_meta = load_members(run_dir, "cpu")
     dev = resolve_device(device or cfg.device)
@@ -300,9 +311,32 @@ def evaluate_transfer(target_run_dir: str | Path, transfer_set_path: str | Path,
                            allow_noncanonical=cfg.data.allow_noncanonical)
     x, y = tensors["x"].to(dev), tensors["y"].to(dev)
     if not torch.equal(x_u8[tensors["indices"]].float().div(255), tensors["x"]):
-        raise ValueError(f"transfer set {transfer_set_path} holds other images than the target's "
+        raise UsageError(f"transfer set {transfer_set_path} holds other images than the target's "
                          f"{cfg.data.dataset} test split at its indices")
     source = f"transfer:{surrogate_names(meta)}"
+    adversarial = [(desc, tensors[key].to(dev)) for key, desc in meta["tensors"].items()]
+    records = transfer_records(mixture, x, y, adversarial, source=source, seed=meta["seed"], batch_size=batch_size)
+    extra = []
+    whitebox_path = run_dir / "eval" / "whitebox.json"
+    if whitebox_path.is_file():
+        extra = check_whitebox_below_transfer(_whitebox_results(whitebox_path), records)
+    sanity = apply_sanity_checks(records, extra=extra, white_box=False)
+    doc = {"kind": "transfer", "run": str(run_dir), "dataset": cfg.data.dataset, "method": cfg.train.method,
+           "arch": cfg.model.label, "epoch": ckpt_meta["epoch"], "device": str(dev), "source": source,
+           "transfer_set": str(transfer_set_path), "transfer_set_hash": meta["hash"],
+           "surrogate_runs": meta["surrogate_runs"], "command": meta["command"],
+           "wall_time_s": time.perf_counter() - started, "results": records, "sanity": sanity}
+    if out_name is not None:
+        write_eval_json(run_dir, out_name, doc)
+    return doc
+
+
+def transfer_records(mixture: Mixture, x: torch.Tensor, y: torch.Tensor,
+                     adversarial: Sequence[tuple[Mapping[str, Any], torch.Tensor]], *, source: str, seed: int,
+                     batch_size: int = 500) -> list[dict[str, Any]]:
+    """Records of each member's and the mixture's accuracy on clean `x` and on each crafted set
+    (`adversarial`: (description {attack, eps, params}, examples) pairs), then the per-example worst
+    case per (model, norm, eps), each with its n and `ci95`."""
     n = len(y)
     records: list[dict[str, Any]] = []
     masks: dict[tuple[str, str, float], list[tuple[str, torch.Tensor]]] = {}
@@ -311,32 +345,19 @@ def evaluate_transfer(target_run_dir: str | Path, transfer_set_path: str | Path,
         t0 = time.perf_counter()
         clean[name] = correct_mask(model, x, y, batch_size)
         records.append({"model": name, "attack": "clean", "eps": 0.0, "accuracy": _mean(clean[name]), "n": n,
-                        "params": {}, "source": source, "seed": meta["seed"], "wall_time_s": time.perf_counter() - t0})
-        for key, desc in meta["tensors"].items():
+                        "params": {}, "source": source, "seed": seed, "wall_time_s": time.perf_counter() - t0})
+        for desc, x_adv in adversarial:
             t0 = time.perf_counter()
-            x_adv = tensors[key].to(dev)
             correct = correct_mask(model, x_adv, y, batch_size)
             norm = desc["params"].get("norm", "linf")
             masks.setdefault((name, norm, desc["eps"]), []).append((desc["attack"], correct))
             records.append({"model": name, "attack": desc["attack"], "eps": desc["eps"], "accuracy": _mean(correct),
-                            "n": n, "params": desc["params"], "source": source, "seed": meta["seed"],
+                            "n": n, "params": desc["params"], "source": source, "seed": seed,
                             "wall_time_s": time.perf_counter() - t0,
                             "max_perturbation": max_perturbation(x_adv, x, norm)})
-    records += strongest_records(masks, clean, source=source, seed=meta["seed"])
+    records += strongest_records(masks, clean, source=source, seed=seed)
     add_ci95(records)
-    extra = []
-    whitebox_path = run_dir / "eval" / "whitebox.json"
-    if whitebox_path.is_file():
-        extra = check_whitebox_below_transfer(_whitebox_results(whitebox_path), records)
-    sanity = apply_sanity_checks(records, extra=extra, white_box=False)
-    doc = {"kind": "transfer", "run": str(run_dir), "dataset": cfg.data.dataset, "method": cfg.train.method,
-           "arch": cfg.model.arch, "epoch": ckpt_meta["epoch"], "device": str(dev), "source": source,
-           "transfer_set": str(transfer_set_path), "transfer_set_hash": meta["hash"],
-           "surrogate_runs": meta["surrogate_runs"], "command": meta["command"],
-           "wall_time_s": time.perf_counter() - started, "results": records, "sanity": sanity}
-    if out_name is not None:
-        write_eval_json(run_dir, out_name, doc)
-    return doc
+    return records
 
 
 def _whitebox_results(path: Path) -> list[dict[str, Any]]:

@@ -9,25 +9,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from phalanx.attacks import ATTACKS, AttackSpec, attack_in_batches, coerce_attack_name
+from phalanx.attacks import ATTACKS, AttackSpec, attack_in_batches
 from phalanx.attacks.losses import is_ensemble
-from phalanx.config import AttackConfig, SuiteConfig
+from phalanx.config import SuiteConfig
 from phalanx.eval.measure import accuracy, correct_mask, max_perturbation
 from phalanx.eval.sanity import apply_sanity_checks, large_eps_check
 from phalanx.eval.stats import add_ci95
 from phalanx.eval.suites import applies_to, robust_after, run_suite, stage_record
 from phalanx.models import Mixture
 
-__all__ = ["accuracy", "attack_spec", "correct_mask", "evaluate_whitebox", "max_perturbation", "named_models",
+__all__ = ["accuracy", "correct_mask", "evaluate_whitebox", "max_perturbation", "named_models",
            "strongest_records"]
 
 
-def attack_spec(cfg: AttackConfig) -> AttackSpec:
-    """The attack described by one `eval.attacks` entry: the keys that are set (AttackConfig refuses
-    keys the attack does not take); the rest are the registry entry's defaults, scaled to eps."""
-    tunable = ATTACKS[coerce_attack_name(cfg.name)].tunable()
-    params = {"alpha": cfg.alpha, "steps": cfg.steps, "random_start": cfg.random_start, "restarts": cfg.restarts}
-    return AttackSpec(cfg.name, cfg.eps, {k: v for k, v in params.items() if v is not None and k in tunable})
+def attack_spec(spec: AttackSpec) -> AttackSpec:
+    # Transitional: phalanx/api.py still converts its `attacks` with this; they are AttackSpecs
+    # already. Remove once it no longer calls it.
+    return spec
 
 
 def convergence_spec(spec: AttackSpec) -> AttackSpec | None:
@@ -91,7 +89,7 @@ def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, exampl
     return float(t.mean()), float(t.std()) if repeats > 1 else 0.0
 
 
-def evaluate_whitebox(mixture: Mixture, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[AttackConfig], *,
+def evaluate_whitebox(mixture: Mixture, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[AttackSpec], *,
                       examples: int | None = None, clean_repeats: int = 1, seed: int = 0, batch_size: int = 500,
                       progress: bool = False, large_eps: float | None = None, suites: Sequence[SuiteConfig] = (),
                       check_convergence: bool = False, models: str = "all") -> list[dict[str, Any]]:
@@ -126,19 +124,19 @@ def evaluate_whitebox(mixture: Mixture, x: torch.Tensor, y: torch.Tensor, attack
                         "wall_time_s": time.perf_counter() - started})
         clean_masks[name] = correct_mask(model, xs, ys, batch_size)
         records[-1]["accuracy_attacked"] = float(clean_masks[name].float().mean())  # clean on the attacked subset
-        for cfg in attacks:
-            spec = attack_spec(cfg)
+        for spec in attacks:
             if ATTACKS[spec.name].ensemble_only and not is_ensemble(model):
                 continue  # an ensemble objective; a single member has only its own output
-            label = f"{name} {cfg.name} eps={cfg.eps:g}" if progress else None
+            label = f"{name} {spec.name.value} eps={spec.eps:g}" if progress else None
             record, correct = attack_record(name, model, spec, xs, ys, seed=seed, batch_size=batch_size, progress=label)
-            masks.setdefault((name, record["params"]["norm"], cfg.eps), []).append((cfg.name, correct))
+            key = (name, record["params"]["norm"], spec.eps)
+            masks.setdefault(key, []).append((spec.name.value, correct))
             again = convergence_spec(spec) if check_convergence else None
             if again is not None:
                 longer, longer_correct = attack_record(name, model, again, xs, ys, seed=seed, batch_size=batch_size,
                                                         progress=f"{label} (convergence)" if progress else None)
                 record["convergence"] = {k: longer[k] for k in ("accuracy", "params", "wall_time_s")}
-                masks[(name, record["params"]["norm"], cfg.eps)].append((f"{cfg.name} (convergence)", longer_correct))
+                masks[key].append((f"{spec.name.value} (convergence)", longer_correct))
             records.append(record)
         for suite in suites:
             if suite.models == "mixture" and name != "mixture" or not applies_to(suite.name, model):

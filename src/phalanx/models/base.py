@@ -9,6 +9,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from phalanx.errors import UsageError
+
 
 class Activation(str, Enum):
     """The non-linearities a model may use (the GAL paper requires leaky ReLU, section 3.4)."""
@@ -84,8 +86,13 @@ class Classifier(nn.Module):
         authors' `get_features(..., before_relu=True)`; the last layer is always the logits.
         """
         if layer not in self.layer_names:
-            raise ValueError(f"unknown layer {layer!r}; this model has {list(self.layer_names)}")
+            raise UsageError(f"unknown layer {layer!r}; this model has {list(self.layer_names)}")
         return self._run(self.normalize(x), layer, pre_activation)
+
+    def penultimate(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation the classifier head reads (the penultimate layer after its activation),
+        flattened: (batch, features); RRM matches it."""
+        return self.features(x, self.layer_names[-2], pre_activation=False).flatten(1)
 
     def _run(self, z: torch.Tensor, stop_at: str | None, pre_activation: bool) -> torch.Tensor:
         raise NotImplementedError

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phalanx.errors import UsageError
 from phalanx.models.base import Activation, Classifier, InputSpec, make_activation
 
 
@@ -92,7 +93,7 @@ class SeedConv(StagedClassifier):
 
     def __init__(self, spec: InputSpec, activation: Activation | str = Activation.RELU):
         if spec.size < 16:
-            raise ValueError(f"seed Conv needs images of at least 16x16 pixels, got {spec.size}x{spec.size}")
+            raise UsageError(f"seed Conv needs images of at least 16x16 pixels, got {spec.size}x{spec.size}")
         conv1 = NormalizingConv2d(spec.channels, 6, 5, spec)
         conv2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(6, 16, 5))
         flat = _flat_size(spec, nn.Sequential(conv1, conv2, nn.MaxPool2d(2)))

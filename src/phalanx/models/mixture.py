@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from phalanx.errors import UsageError
 from phalanx.models.stacked import StackedMembers, stack_members
 
 
@@ -28,16 +29,16 @@ class Mixture(nn.Module):
     def __init__(self, members: Sequence[nn.Module], *, stacked: bool | None = None):
         super().__init__()
         if len(members) == 0:
-            raise ValueError("a Mixture needs at least one member")
+            raise UsageError("a Mixture needs at least one member")
         if not (stacked is None or isinstance(stacked, bool)):
-            raise ValueError(f"stacked must be None (auto), True or False, got {stacked!r}")
+            raise UsageError(f"stacked must be None (auto), True or False, got {stacked!r}")
         self.members = nn.ModuleList(members)
         self.stacked = stacked
         self._stack: StackedMembers | None = None
         self._stack_key: tuple[object, ...] | None = None
         if stacked and self._current_stack() is None:
             names = ", ".join(sorted({type(m).__name__ for m in members}))
-            raise ValueError(f"stacked=True, but these members ({len(members)}: {names}) cannot be stacked: "
+            raise UsageError(f"stacked=True, but these members ({len(members)}: {names}) cannot be stacked: "
                              "that needs at least two of one stackable architecture and input spec; "
                              "use stacked=None (auto) or False")
 

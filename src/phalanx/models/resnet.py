@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from phalanx.errors import UsageError
 from phalanx.models.base import Activation, Classifier, InputSpec, make_activation
 
 
@@ -51,7 +52,7 @@ class ResNet(Classifier):
 
     def __init__(self, spec: InputSpec, depth: int = 20, activation: Activation | str = Activation.RELU):
         if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"ResNet depth must be 6n+2 with n >= 1 (20, 26, 32, ...), got {depth}")
+            raise UsageError(f"ResNet depth must be 6n+2 with n >= 1 (20, 26, 32, ...), got {depth}")
         super().__init__(spec)
         n = (depth - 2) // 6
         self.stem = nn.Sequential(nn.Conv2d(spec.channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))

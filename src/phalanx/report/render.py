@@ -11,28 +11,24 @@ report says so.
 
 from __future__ import annotations
 
-import base64
-import html
-import json
 import math
 import re
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from phalanx.eval.protocols import LABELS
+from phalanx.config import ConfigError, ModelConfig, from_mapping
+from phalanx.errors import UsageError
 from phalanx.eval.stats import record_ci95, record_n
-from phalanx.eval.tables import common_n, markdown_table
-from phalanx.files import DamagedFileError, DamagedFileWarning, loads_checked, read_jsonl, write_text_atomic
+from phalanx.eval.tables import common_n
+from phalanx.files import write_text_atomic
 from phalanx.report import figures
 from phalanx.report.figures import Curve, Panel, eps_label
+from phalanx.report.markup import Block, Heading, Image, Table, Text, to_html, to_markdown
+from phalanx.report.run_data import PROTOCOL_LABELS, WHITE_BOX, RunData, is_number, read_run_data
 
 WARN = "⚠"
-WHITE_BOX = "white-box"
 LOSS_CAPTION = ("Training loss of each member (left), validation loss (middle) and accuracy (right) of each "
                 "member and of the mixture, against epochs.")
 GRADIENT_HEADING = "Gradient alignment (GAL paper)"
@@ -45,203 +41,6 @@ GAAS_CAPTION = ("GAAS (GAL paper Figure 5): probability that all k orthogonal L�
                 "mixture's input gradient are adversarial, against k, one line per ε.")
 CURVES_CAPTION = ("Accuracy against ε for each attack evaluated at several ε (ε = 0 is clean accuracy): the "
                   "mixture as the thick line, members thin and grey.")
-
-
-# ---------------------------------------------------------------- reading a run directory
-
-
-@dataclass
-class RunData:
-    """What a run directory holds, as far as it could be read; `missing` says what could not."""
-
-    path: Path
-    name: str
-    config: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    evals: list[tuple[str, dict[str, Any]]]  # (file name, document with valid `results` only)
-    missing: list[str] = field(default_factory=list)
-    analysis: dict[str, Any] | None = None  # analysis/gradients.json with only its usable parts
-
-
-def read_run_data(run_dir: str | Path) -> RunData:
-    """Everything the report needs from `run_dir`, tolerating absent or malformed files."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise ValueError(f"run directory {str(path)!r} does not exist or is not a directory")
-    missing: list[str] = []
-    config = _read_config(path / "config.yaml", missing)
-    metrics = _read_metrics(path / "metrics.jsonl", missing)
-    evals = _read_evals(path / "eval", missing)
-    analysis = _read_analysis(path / "analysis" / "gradients.json", missing)
-    from phalanx.runs import warn_if_in_use
-
-    last = max((int(m["epoch"]) for m in metrics), default=0)
-    warn_if_in_use(path, f"its metrics through epoch {last} and the evaluations in eval/ as they are")
-    name = str(config.get("name") or path.name)
-    return RunData(path, name, config, metrics, evals, missing, analysis)
-
-
-def _read_config(path: Path, missing: list[str]) -> dict[str, Any]:
-    if not path.is_file():
-        missing.append("no config.yaml: run settings unknown")
-        return {}
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        missing.append(f"config.yaml could not be read ({type(err).__name__}): run settings unknown")
-        return {}
-    if not isinstance(cfg, dict):
-        missing.append("config.yaml is not a mapping: run settings unknown")
-        return {}
-    return cfg
-
-
-def _read_metrics(path: Path, missing: list[str]) -> list[dict[str, Any]]:
-    if not path.is_file():
-        missing.append("no metrics.jsonl: training curves and diagnostics skipped")
-        return []
-    values, damaged = read_jsonl(path)
-    for message in damaged:  # counted in the report's note below, named in a warning
-        warnings.warn(f"{message}: it is left out of the report", DamagedFileWarning, stacklevel=3)
-    rows = [row for row in values if isinstance(row, dict) and _is_number(row.get("epoch"))]
-    bad = len(values) - len(rows) + len(damaged)
-    if bad:
-        missing.append(f"{bad} unreadable line(s) of metrics.jsonl skipped")
-    if not rows:
-        missing.append("metrics.jsonl holds no epoch: training curves and diagnostics skipped")
-    return rows
-
-
-def _read_evals(eval_dir: Path, missing: list[str]) -> list[tuple[str, dict[str, Any]]]:
-    files = sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []
-    if not files:
-        missing.append("no eval/*.json: accuracy tables and robustness curves skipped "
-                       "(run `phalanx eval` on this run directory)")
-        return []
-    docs = []
-    for file in files:
-        try:
-            doc = loads_checked(file.read_text(encoding="utf-8"), file)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            missing.append(f"eval/{file.name} could not be read ({type(err).__name__}): skipped")
-            continue
-        except DamagedFileError as err:
-            _damaged(f"{err}: it is left out of the report (run `phalanx eval` again to rewrite it)", missing)
-            continue
-        results = doc.get("results") if isinstance(doc, dict) else None
-        if not isinstance(results, list):
-            missing.append(f"eval/{file.name} has no `results` list: skipped")
-            continue
-        records = [r for r in (_clean_record(r, doc, file) for r in results) if r is not None]
-        if len(records) < len(results):
-            missing.append(f"eval/{file.name}: {len(results) - len(records)} malformed record(s) skipped")
-        if records:
-            docs.append((file.name, {**doc, "results": records}))
-        else:
-            missing.append(f"eval/{file.name} holds no usable record: skipped")
-    return docs
-
-
-def _read_analysis(path: Path, missing: list[str]) -> dict[str, Any] | None:
-    """`phalanx analyze`'s document keeping only well-formed parts: `coherence` (finite numbers) and
-    `gaas` (results with numeric k, eps, p_all); None when neither is usable."""
-    skipped = "gradient-alignment figures skipped"
-    if not path.is_file():
-        missing.append(f"no analysis/gradients.json: {skipped} (run `phalanx analyze` on this run directory)")
-        return None
-    try:
-        doc = loads_checked(path.read_text(encoding="utf-8"), path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        missing.append(f"analysis/gradients.json could not be read ({type(err).__name__}): {skipped}")
-        return None
-    except DamagedFileError as err:
-        _damaged(f"{err}: {skipped} (run `phalanx analyze` again to rewrite it)", missing)
-        return None
-    if not isinstance(doc, dict):
-        missing.append(f"analysis/gradients.json is not a JSON object: {skipped}")
-        return None
-    coh = doc.get("coherence")
-    usable = isinstance(coh, list) and bool(coh) and all(map(_is_number, coh))
-    if coh is not None and not usable:
-        missing.append("analysis/gradients.json: malformed `coherence` list, coherence histogram skipped")
-    coh = [float(v) for v in coh] if usable else None
-    gaas = doc.get("gaas")
-    results = gaas.get("results") if isinstance(gaas, dict) else None
-    results = results if isinstance(results, list) else []
-    results = [r for r in results
-               if isinstance(r, dict) and all(_is_number(r.get(k)) for k in ("k", "eps", "p_all"))]
-    if gaas is not None and not results:
-        missing.append("analysis/gradients.json: malformed `gaas` results, GAAS curves skipped")
-    if coh is None and not results:
-        missing.append(f"analysis/gradients.json holds neither a coherence list nor GAAS results: {skipped}")
-        return None
-    return {**doc, "coherence": coh, "gaas": {**gaas, "results": results} if results else None}
-
-
-def _damaged(message: str, missing: list[str]) -> None:
-    """A file or line that changed after phalanx wrote it: said in the report and as a warning."""
-    missing.append(message)
-    warnings.warn(message, DamagedFileWarning, stacklevel=4)
-
-
-PROTOCOL_LABELS = {protocol.value: label for protocol, label in LABELS.items()}
-
-
-def _clean_record(rec: Any, doc: Mapping[str, Any], file: Path) -> dict[str, Any] | None:
-    """The record with `eps` and `source` filled in, or None when it lacks what a table needs."""
-    if not (isinstance(rec, dict) and isinstance(rec.get("model"), str) and isinstance(rec.get("attack"), str)
-            and _is_number(rec.get("accuracy"))):
-        return None
-    eps = rec.get("eps", 0.0 if rec["attack"] == "clean" else None)
-    if not _is_number(eps):
-        return None
-    source = rec.get("source") or doc.get("kind") or (WHITE_BOX if file.stem == "whitebox" else file.stem)
-    protocol = rec.get("protocol", "standard")
-    if protocol != "standard":  # a source's own protocol is never shown in, or compared with, the standard tables
-        source = f"{source}, {PROTOCOL_LABELS.get(protocol, protocol)}"
-    warnings = rec.get("warnings") or []
-    if isinstance(warnings, str):
-        warnings = [warnings]
-    return {**rec, "eps": 0.0 if rec["attack"] == "clean" else float(eps), "source": str(source),
-            "warnings": [str(w) for w in warnings]}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# ---------------------------------------------------------------- document blocks
-
-
-@dataclass(frozen=True)
-class Heading:
-    level: int
-    text: str
-
-
-@dataclass(frozen=True)
-class Text:
-    text: str
-    missing: bool = False  # rendered as a call-out: something was skipped
-
-
-@dataclass(frozen=True)
-class Table:
-    header: Sequence[str]
-    rows: Sequence[Sequence[str]]
-    caption: str = ""
-    footnotes: Sequence[str] = ()
-    bold_row: str | None = "mixture"  # first-cell value of rows shown in bold
-
-
-@dataclass(frozen=True)
-class Image:
-    relpath: str
-    png: bytes
-    caption: str
-
-
-Block = Heading | Text | Table | Image
 
 
 # ---------------------------------------------------------------- tables
@@ -287,7 +86,7 @@ def _cell(rec: Mapping[str, Any], n_shown: int | None) -> str:
     get it computed from their accuracy and n."""
     text = f"{100 * rec['accuracy']:.2f}"
     std = rec.get("accuracy_std")
-    if _is_number(std) and (rec.get("repeats", 1) > 1 if _is_number(rec.get("repeats")) else std > 0):
+    if is_number(std) and (rec.get("repeats", 1) > 1 if is_number(rec.get("repeats")) else std > 0):
         text += f" ± {100 * std:.2f}"
     ci, n = record_ci95(rec), record_n(rec)
     inside = [] if ci is None else [f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}"]
@@ -306,6 +105,24 @@ def _n_text(records: Sequence[Mapping[str, Any]]) -> str:
             + "; in parentheses the 95% Wilson confidence interval")
 
 
+class Footnotes:
+    """Numbered warning markers for table cells, one footnote per distinct warning."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._numbers: dict[str, int] = {}
+
+    def marks(self, warnings: Sequence[str]) -> str:
+        """" ⚠1,2" for a cell with these warnings ("" for none); new warnings get the next numbers."""
+        numbers = []
+        for warning in warnings:
+            if warning not in self._numbers:
+                self._numbers[warning] = len(self._numbers) + 1
+                self.lines.append(f"{WARN}{self._numbers[warning]} {warning}")
+            numbers.append(str(self._numbers[warning]))
+        return f" {WARN}{','.join(numbers)}" if numbers else ""
+
+
 def accuracy_table(records: Sequence[Mapping[str, Any]], caption: str) -> Table:
     """Member rows then the mixture row; clean then each (attack, eps); accuracy and its 95%
     interval in % (`_cell`); the caption says n (`_n_text`).
@@ -316,24 +133,14 @@ def accuracy_table(records: Sequence[Mapping[str, Any]], caption: str) -> Table:
     n_shown = common_n(records)
     cells: dict[str, dict[Column, str]] = {}
     order: dict[str, int] = {}
-    notes: list[str] = []
-    footnotes: list[str] = []
+    notes = Footnotes()
     for rec in records:
         col = (rec["attack"], rec["eps"])
         order.setdefault(rec["model"], len(order))
-        text = _cell(rec, n_shown)
-        marks = []
-        for warning in rec.get("warnings", []):
-            if warning not in notes:
-                notes.append(warning)
-                footnotes.append(f"{WARN}{len(notes)} {warning}")
-            marks.append(str(notes.index(warning) + 1))
-        if marks:
-            text += f" {WARN}{','.join(marks)}"
-        cells.setdefault(rec["model"], {})[col] = text
+        cells.setdefault(rec["model"], {})[col] = _cell(rec, n_shown) + notes.marks(rec.get("warnings", []))
     models = sorted(cells, key=lambda m: _model_key(m, order[m]))
     rows = [[m, *(cells[m].get(c, "—") for c in cols)] for m in models]
-    return Table(["model", *map(column_label, cols)], rows, caption, footnotes)
+    return Table(["model", *map(column_label, cols)], rows, caption, notes.lines)
 
 
 def _params_text(records: Sequence[Mapping[str, Any]]) -> str:
@@ -343,7 +150,7 @@ def _params_text(records: Sequence[Mapping[str, Any]]) -> str:
         params = rec.get("params")
         if rec["attack"] == "clean" or rec["attack"] in seen or not isinstance(params, dict):
             continue
-        shown = [f"{k} {v:g}" if _is_number(v) and not isinstance(v, int) else f"{k} {v}"
+        shown = [f"{k} {v:g}" if is_number(v) and not isinstance(v, int) else f"{k} {v}"
                  for k, v in params.items() if k not in ("name", "eps") and v is not None]
         if shown:
             seen[rec["attack"]] = f"{rec['attack']}: " + ", ".join(shown)
@@ -372,14 +179,14 @@ def _source_title(source: str) -> str:
 
 def _eval_caption(records: Sequence[Mapping[str, Any]], doc_epoch: Any) -> str:
     parts = []
-    if _is_number(doc_epoch):
+    if is_number(doc_epoch):
         parts.append(f"checkpoint of epoch {doc_epoch:g}")
     parts.append(_n_text(records))
-    repeats = {r.get("repeats") for r in records if r["attack"] == "clean" and _is_number(r.get("repeats"))}
+    repeats = {r.get("repeats") for r in records if r["attack"] == "clean" and is_number(r.get("repeats"))}
     if any(r > 1 for r in repeats):
         parts.append(f"clean accuracy averaged over {max(repeats):g} random subsets (mean ± std; its "
                      "interval is that of one subset's n)")
-    seeds = sorted({r["seed"] for r in records if _is_number(r.get("seed"))})
+    seeds = sorted({r["seed"] for r in records if is_number(r.get("seed"))})
     if seeds:
         parts.append("seed " + ", ".join(f"{s:g}" for s in seeds))
     params = _params_text(records)
@@ -420,7 +227,7 @@ def _val_label(metrics: Sequence[Mapping[str, Any]]) -> str:
 def _square_matrix(obj: Any) -> list[list[float]] | None:
     if not (isinstance(obj, list) and obj and all(isinstance(r, list) and len(r) == len(obj) for r in obj)):
         return None
-    return [[float(v) if _is_number(v) else math.nan for v in row] for row in obj]
+    return [[float(v) if is_number(v) else math.nan for v in row] for row in obj]
 
 
 def _last_diagnostic(metrics: Sequence[Mapping[str, Any]], key: str) -> tuple[Any, list[list[float]]] | None:
@@ -486,14 +293,28 @@ def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
+def _model_label(cfg: Mapping[str, Any]) -> Any:
+    """The architecture as `ModelConfig.label` says it (a user factory, or 'conv+resnet20' when
+    mixed); the stored value when the section does not read as a ModelConfig."""
+    try:
+        return from_mapping(ModelConfig, _get(cfg, "model")).label
+    except ConfigError:
+        return _get(cfg, "model.arch")
+
+
+def _member_count(cfg: Mapping[str, Any]) -> Any:
+    members = _get(cfg, "model.members")
+    return len(members) if isinstance(members, list) else members
+
+
 def _run_overview(run: RunData) -> Table:
     cfg = run.config
     wb = next((doc for _, doc in run.evals if doc.get("kind") == WHITE_BOX), None)
     rows = [
         ("run directory", str(run.path)),
         ("dataset", (wb or {}).get("dataset_display") or _get(cfg, "data.dataset")),
-        ("architecture", _get(cfg, "model.arch") or (wb or {}).get("arch")),
-        ("members", _get(cfg, "model.members")),
+        ("architecture", _model_label(cfg) or (wb or {}).get("arch")),
+        ("members", _member_count(cfg)),
         ("method", _get(cfg, "train.method") or (wb or {}).get("method")),
         ("epochs (configured)", _get(cfg, "train.epochs")),
         ("epochs (logged)", run.metrics[-1]["epoch"] if run.metrics else None),
@@ -508,13 +329,13 @@ def _run_overview(run: RunData) -> Table:
 def _training_text(run: RunData) -> str:
     last = run.metrics[-1]
     parts = [f"{len(run.metrics)} epoch(s) logged, last epoch {last['epoch']:g}"]
-    seconds = [m["epoch_seconds"] for m in run.metrics if _is_number(m.get("epoch_seconds"))]
+    seconds = [m["epoch_seconds"] for m in run.metrics if is_number(m.get("epoch_seconds"))]
     if seconds:
         parts.append(f"training time {sum(seconds):.1f} s ({sum(seconds) / len(seconds):.1f} s/epoch)")
-    if _is_number(last.get("val_mixture_acc")):
+    if is_number(last.get("val_mixture_acc")):
         parts.append(f"last {_val_label(run.metrics)} accuracy: mixture {100 * last['val_mixture_acc']:.2f}%")
         if isinstance(last.get("val_member_acc"), list):
-            members = ", ".join(f"{100 * a:.2f}%" for a in last["val_member_acc"] if _is_number(a))
+            members = ", ".join(f"{100 * a:.2f}%" for a in last["val_member_acc"] if is_number(a))
             parts[-1] += f", members {members}"
     layers = [str(m["layer"]) for m in run.metrics if "layer" in m]
     if layers:
@@ -595,10 +416,10 @@ def _gradient_blocks(run: RunData, slug: str) -> list[Block]:
     if doc is None:
         return blocks + [Text("No usable analysis/gradients.json: coherence histogram and GAAS curves "
                               "skipped (run `phalanx analyze` on this run directory).", missing=True)]
-    about = [f"checkpoint of epoch {doc['epoch']:g}"] if _is_number(doc.get("epoch")) else []
-    if _is_number(doc.get("members")):
+    about = [f"checkpoint of epoch {doc['epoch']:g}"] if is_number(doc.get("epoch")) else []
+    if is_number(doc.get("members")):
         about.append(f"{doc['members']:g} members")
-    first = f"first {doc['n']:g} " if _is_number(doc.get("n")) else "first "
+    first = f"first {doc['n']:g} " if is_number(doc.get("n")) else "first "
     blocks.append(Text(f"Input gradients of the members' cross-entropy on the {first}test examples"
                        + (f" ({', '.join(about)})" if about else "") + ". " + COHERENCE_TEXT))
     notes = doc.get("notes")
@@ -617,7 +438,7 @@ def _gradient_blocks(run: RunData, slug: str) -> list[Block]:
         png = figures.gaas_figure(gaas["results"], title=f"{run.name}: GAAS of the mixture")
         n = gaas.get("n")
         blocks.append(Image(f"figures/{slug}-gaas.png", png, GAAS_CAPTION + (
-            f" Over the {n:g} examples the mixture classifies correctly." if _is_number(n) else "")))
+            f" Over the {n:g} examples the mixture classifies correctly." if is_number(n) else "")))
         blocks.append(_gaas_table(gaas["results"]))
     else:
         blocks.append(Text("GAAS skipped: no GAAS results in analysis/gradients.json.", missing=True))
@@ -632,7 +453,7 @@ def _coherence_table(doc: Mapping[str, Any]) -> Table:
             ["median coherence", _num(summary.get("median"))],
             ["examples with coherence > 0.5 (%)", _num(summary.get("fraction_above_0.5"), percent=True)]]
     gal = doc.get("gal")
-    if isinstance(gal, list) and gal and all(map(_is_number, gal)):
+    if isinstance(gal, list) and gal and all(map(is_number, gal)):
         rows.append(["mean GAL (eq. 8)", _num(sum(gal) / len(gal))])
     pairs, cosines = doc.get("pairs"), doc.get("mean_cosine_per_pair")
     if isinstance(pairs, list) and isinstance(cosines, list) and len(pairs) == len(cosines):
@@ -655,7 +476,7 @@ def _gaas_table(results: Sequence[Mapping[str, Any]]) -> Table:
 
 
 def _num(value: Any, *, percent: bool = False) -> str:
-    if not _is_number(value):
+    if not is_number(value):
         return "—"
     return f"{100 * value:.1f}" if percent else f"{value:.3f}"
 
@@ -673,25 +494,18 @@ def _comparison_blocks(runs: Sequence[RunData]) -> list[Block]:
         return blocks + _coherence_comparison(runs)
     cols = _columns(all_records)
     n_shown = common_n(all_records)
-    rows, footnotes, notes = [], [], []
+    rows, notes = [], Footnotes()
     for run, records in per_run:
         cells = {}
         for rec in records:
-            text = _cell(rec, n_shown)
-            marks = []
-            for warning in rec["warnings"]:
-                if warning not in notes:
-                    notes.append(warning)
-                    footnotes.append(f"{WARN}{len(notes)} {warning}")
-                marks.append(str(notes.index(warning) + 1))
-            cells[(rec["attack"], rec["eps"])] = text + (f" {WARN}{','.join(marks)}" if marks else "")
+            cells[(rec["attack"], rec["eps"])] = _cell(rec, n_shown) + notes.marks(rec["warnings"])
         epoch = next((doc.get("epoch") for _, doc in run.evals if doc.get("kind") == WHITE_BOX), None)
         rows.append([run.name, str(_get(run.config, "train.method") or "—"),
-                     f"{epoch:g}" if _is_number(epoch) else "—", *(cells.get(c, "—") for c in cols)])
+                     f"{epoch:g}" if is_number(epoch) else "—", *(cells.get(c, "—") for c in cols)])
     blocks.append(Table(["run", "method", "epoch", *map(column_label, cols)], rows,
                         "White-box accuracy (%) of each run's mixture; — where a run was not evaluated so; "
                         + _n_text(all_records) + ".",
-                        footnotes, bold_row=None))
+                        notes.lines, bold_row=None))
     panels: dict[str, list[Curve]] = {}
     for run, records in per_run:
         clean = [r for r in _group_by_source(run.evals).get(WHITE_BOX, []) if r["attack"] == "clean"]
@@ -777,77 +591,6 @@ def build_report(runs: Sequence[RunData], title: str) -> list[Block]:
 # ---------------------------------------------------------------- rendering
 
 
-def to_markdown(blocks: Sequence[Block]) -> str:
-    out: list[str] = []
-    for block in blocks:
-        if isinstance(block, Heading):
-            out.append("#" * block.level + " " + block.text)
-        elif isinstance(block, Text):
-            out.append(f"> **{block.text}**" if block.missing else block.text)
-        elif isinstance(block, Table):
-            rows = [[f"**{r[0]}**", *r[1:]] if block.bold_row and r[0] == block.bold_row else list(r)
-                    for r in block.rows]
-            out.append(markdown_table(block.header, [[_md_cell(c) for c in r] for r in rows]))
-            if block.caption:
-                out.append(f"*{block.caption}*")
-            if block.footnotes:
-                out.append("\n".join(f"- {_md_cell(f)}" for f in block.footnotes))
-        elif isinstance(block, Image):
-            out.append(f"![{Path(block.relpath).stem}]({block.relpath})\n\n*{block.caption}*")
-    return "\n\n".join(out) + "\n"
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-_CSS = """
-body { font-family: system-ui, -apple-system, Segoe UI, Helvetica, Arial, sans-serif; max-width: 1100px;
-       margin: 2em auto; padding: 0 1em; color: #1a1a1a; line-height: 1.45; }
-h1, h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; }
-table { border-collapse: collapse; margin: .8em 0 .3em; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid #bbb; padding: .3em .7em; text-align: right; }
-th { background: #eee; }
-td:first-child, th:first-child { text-align: left; }
-tr.bold td { font-weight: bold; background: #f5f5f5; }
-.caption, figcaption { color: #444; font-size: .9em; font-style: italic; }
-.missing { background: #fff6e0; border-left: 4px solid #c90; padding: .4em .8em; }
-.footnotes { font-size: .9em; margin-top: .2em; }
-figure { margin: 1em 0; }
-figure img { max-width: 100%; border: 1px solid #ddd; }
-"""
-
-
-def to_html(blocks: Sequence[Block], title: str) -> str:
-    esc = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           f"<title>{esc(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>"]
-    for block in blocks:
-        if isinstance(block, Heading):
-            out.append(f"<h{block.level}>{esc(block.text)}</h{block.level}>")
-        elif isinstance(block, Text):
-            cls = ' class="missing"' if block.missing else ""
-            out.append(f"<p{cls}>{esc(block.text)}</p>")
-        elif isinstance(block, Table):
-            out.append("<table>")
-            out.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in block.header) + "</tr>")
-            for row in block.rows:
-                cls = ' class="bold"' if block.bold_row and row[0] == block.bold_row else ""
-                out.append(f"<tr{cls}>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
-            out.append("</table>")
-            if block.caption:
-                out.append(f'<p class="caption">{esc(block.caption)}</p>')
-            if block.footnotes:
-                out.append('<ul class="footnotes">' + "".join(f"<li>{esc(f)}</li>" for f in block.footnotes)
-                           + "</ul>")
-        elif isinstance(block, Image):
-            data = base64.b64encode(block.png).decode("ascii")
-            out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(block.caption)}">'
-                       f"<figcaption>{esc(block.caption)}</figcaption></figure>")
-    out += ["</body>", "</html>"]
-    return "\n".join(out) + "\n"
-
-
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: str | None = None
                  ) -> tuple[Path, Path]:
     """Write `out_dir/report.md`, a self-contained `out_dir/report.html` and `out_dir/figures/*.png`.
@@ -857,7 +600,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, title: 
     report says so. Every file is written atomically. Returns the Markdown and HTML paths.
     """
     if isinstance(run_dirs, (str, Path)) or not run_dirs:
-        raise ValueError("run_dirs must be a non-empty sequence of run directories")
+        raise UsageError("run_dirs must be a non-empty sequence of run directories")
     runs = [read_run_data(d) for d in run_dirs]
     out_dir = Path(out_dir)
     if title is None:

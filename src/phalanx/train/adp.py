@@ -25,13 +25,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from phalanx.errors import UsageError
 from phalanx.models import Classifier
-from phalanx.train.api import Batch, StepOutput
+from phalanx.train.api import Batch, StepOutput, TrainingMethod
 
 LOG_OFFSET = 1e-20  # ADP authors' utils.py log_offset: H(p) = -sum p log(p + 1e-20), finite at p = 0
 DET_OFFSET = 1e-6  # ADP authors' utils.py det_offset: log det(M^T M + 1e-6 I), finite for coinciding members
@@ -97,9 +97,9 @@ def adp_objective(logits: torch.Tensor, y: torch.Tensor, *, alpha: float, beta: 
     and of log(ED).
     """
     if logits.shape[0] < 2:
-        raise ValueError(f"ADP needs at least 2 members (its diversity compares them), got {logits.shape[0]}")
+        raise UsageError(f"ADP needs at least 2 members (its diversity compares them), got {logits.shape[0]}")
     if logits.shape[-1] < 3:
-        raise ValueError(f"ADP needs at least 3 classes (non-maximal predictions of K-1 >= 2 entries), "
+        raise UsageError(f"ADP needs at least 3 classes (non-maximal predictions of K-1 >= 2 entries), "
                          f"got {logits.shape[-1]}")
     with torch.autocast(logits.device.type, enabled=False):  # float32 also under bfloat16 training
         logits = logits.float()
@@ -107,21 +107,17 @@ def adp_objective(logits: torch.Tensor, y: torch.Tensor, *, alpha: float, beta: 
         entropy = ensemble_entropy(logits.softmax(dim=-1)).mean()
         log_ed = log_ensemble_diversity(non_maximal_predictions(logits, y)).mean()
     total = ce.sum() - alpha * entropy - beta * log_ed
-    extras = {"ensemble_entropy": float(entropy.detach()), "log_ensemble_diversity": float(log_ed.detach())}
-    return StepOutput(total, [float(v) for v in ce.detach()], extras)
+    extras = {"ensemble_entropy": entropy.detach(), "log_ensemble_diversity": log_ed.detach()}
+    return StepOutput(total, ce.detach(), extras)
 
 
-class Adp:
-    """ADP training (`TrainingMethod` protocol of `phalanx.train.api`)."""
+class Adp(TrainingMethod):
+    """ADP training (a `phalanx.train.api.TrainingMethod`)."""
 
-    name: ClassVar[str] = "adp"
-    needs_source_batch: ClassVar[bool] = False
 
     def __init__(self, cfg: AdpConfig) -> None:
         self.cfg = cfg
 
-    def start_epoch(self, epoch: int, members: Sequence[Classifier], rng: torch.Generator) -> dict[str, object]:
-        return {}
 
     def loss(self, members: Sequence[Classifier], batch: Batch, rng: torch.Generator) -> StepOutput:
         logits = torch.stack([m(batch.x) for m in members])

@@ -7,23 +7,23 @@
   delta ~ U(-eps, eps), one FGSM step of alpha = 1.25 eps from x + delta, clipped to the eps
   ball and [0, 1].
 
-Each member is attacked in eval mode with frozen parameters (`attacks.attack_mode`, as
-phalanx's `pgd`) and then trained on the adversarial batch only (Madry et al.'s objective).
+Each member is attacked (`attacks.pgd`, `attacks.fgsm_rs`) in eval mode with frozen parameters,
+as every phalanx attack, and then trained on the adversarial batch only (Madry et al.'s objective).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phalanx.attacks import Loss, Norm, attack_mode, input_gradient, pgd, project, sample_in_ball, steepest_step
+from phalanx.attacks import fgsm_rs, pgd
 from phalanx.models import Classifier
-from phalanx.train.api import Batch, StepOutput
+from phalanx.train.api import Batch, StepOutput, TrainingMethod
 
 
 @dataclass(frozen=True)
@@ -58,17 +58,6 @@ class AdversarialConfig:
         return 2 / 255 if self.mode == "pgd" else 1.25 * self.eps
 
 
-def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """Wong et al. (2020) Algorithm 3's example: one signed step of `alpha` from a uniform random
-    start in the Linf eps ball, projected back into the ball and [0, 1]."""
-    x = x.detach()
-    start = sample_in_ball(x, eps=eps, norm=Norm.LINF, generator=generator)
-    with attack_mode(model):
-        grad = input_gradient(model, start, y, loss=Loss.CE, targeted=False)
-    return project(start + alpha * steepest_step(grad, Norm.LINF), x, eps=eps, norm=Norm.LINF).detach()
-
-
 def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AdversarialConfig,
                          generator: torch.Generator | None) -> torch.Tensor:
     """The training attack of `cfg` on `model` itself."""
@@ -78,19 +67,15 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg
                generator=generator)
 
 
-class Adversarial:
-    """Adversarial training (`TrainingMethod` protocol of `phalanx.train.api`)."""
+class Adversarial(TrainingMethod):
+    """Adversarial training (a `phalanx.train.api.TrainingMethod`)."""
 
-    name: ClassVar[str] = "adversarial"
-    needs_source_batch: ClassVar[bool] = False
 
     def __init__(self, cfg: AdversarialConfig) -> None:
         self.cfg = cfg
 
-    def start_epoch(self, epoch: int, members: Sequence[Classifier], rng: torch.Generator) -> dict[str, object]:
-        return {}
 
     def loss(self, members: Sequence[Classifier], batch: Batch, rng: torch.Generator) -> StepOutput:
         losses = [F.cross_entropy(m(adversarial_examples(m, batch.x, batch.y, self.cfg, rng)), batch.y)
                   for m in members]
-        return StepOutput(torch.stack(losses).sum(), [float(v.detach()) for v in losses])
+        return StepOutput(torch.stack(losses).sum(), torch.stack(losses).detach())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 import torch
 
@@ -33,21 +33,47 @@ class Batch:
 
 @dataclass
 class StepOutput:
-    """What a method returns for one batch."""
+    """What a method returns for one batch. Every value stays a tensor on the training device: the
+    loop sums them over the epoch and reads them back once per epoch (a float per member per step
+    would be a host sync per step on a GPU)."""
 
     loss: torch.Tensor  # scalar: sum over members of each member's objective
-    member_losses: list[float]  # each member's objective, for logging
-    extras: dict[str, float] = field(default_factory=dict)
+    member_losses: torch.Tensor  # (members,), detached: each member's objective, for logging
+    extras: dict[str, torch.Tensor | float] = field(default_factory=dict)  # scalars, for logging
 
 
-class TrainingMethod(Protocol):
-    name: ClassVar[str]
-    needs_source_batch: ClassVar[bool]
+class TrainingMethod:
+    """The base of every method: the loop calls each hook below; a method overrides what it needs.
+
+    `loss` is the only one without a default. `needs_source_batch`: the loop also passes a second,
+    independent batch (DVERGE's (x_s, y_s)).
+    """
+
+    needs_source_batch: ClassVar[bool] = False
 
     def start_epoch(self, epoch: int, members: Sequence[Classifier], rng: torch.Generator) -> dict[str, object]:
         """Per-epoch choices (e.g. DVERGE's layer draw); returns what to log for the epoch."""
-        ...
+        return {}
 
     def loss(self, members: Sequence[Classifier], batch: Batch, rng: torch.Generator) -> StepOutput:
         """The objective for one batch; members are in train mode; `rng` lives on the batch's device."""
-        ...
+        raise NotImplementedError
+
+    def diagnostics(self, members: Sequence[Classifier], x_u8: torch.Tensor, y: torch.Tensor,
+                    rng: torch.Generator) -> dict[str, object] | None:
+        """What to log every `train.diagnostics_every` epochs, measured on validation images; None: nothing."""
+        return None
+
+    def extra_parameters(self, members: Sequence[Classifier]) -> list[torch.nn.Parameter]:
+        """The method's own trainable parameters (e.g. RRM's projections), built once the members
+        are on their device; the optimizer trains them with the members."""
+        return []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's own tensors, saved in the run's checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_dict` saved (called on resume, after `extra_parameters`)."""
+        if state:
+            raise RuntimeError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)}")

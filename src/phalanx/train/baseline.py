@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from phalanx.models import Classifier
-from phalanx.train.api import Batch, StepOutput
+from phalanx.train.api import Batch, StepOutput, TrainingMethod
 
 
 @dataclass(frozen=True)
@@ -22,16 +21,12 @@ class BaselineConfig:
     """The baseline has no parameters of its own."""
 
 
-class Baseline:
-    name: ClassVar[str] = "baseline"
-    needs_source_batch: ClassVar[bool] = False
+class Baseline(TrainingMethod):
 
     def __init__(self, cfg: BaselineConfig) -> None:
         self.cfg = cfg
 
-    def start_epoch(self, epoch: int, members: Sequence[Classifier], rng: torch.Generator) -> dict[str, object]:
-        return {}
 
     def loss(self, members: Sequence[Classifier], batch: Batch, rng: torch.Generator) -> StepOutput:
         losses = [F.cross_entropy(m(batch.x), batch.y) for m in members]
-        return StepOutput(torch.stack(losses).sum(), [float(v.detach()) for v in losses])
+        return StepOutput(torch.stack(losses).sum(), torch.stack(losses).detach())

@@ -29,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phalanx.attacks.diversity import transferability_matrix, vulnerability_diversity
+from phalanx.errors import UsageError
 from phalanx.attacks.distillation import DistillConfig, distill_stacked, distill_with
 from phalanx.models import Classifier
 from phalanx.models.stacked import StackedLogits, StackedMembers, stack_members
-from phalanx.train.api import Batch, StepOutput
+from phalanx.train.api import Batch, StepOutput, TrainingMethod
 
 
 @dataclass(frozen=True)
@@ -113,15 +115,14 @@ def draw_layers(members: Sequence[Classifier], cfg: DvergeConfig, rng: torch.Gen
         chosen = [m.layer_names[min(int(u * len(m.layer_names)), len(m.layer_names) - 1)] for m in members]
     for m, layer in zip(members, chosen):
         if layer not in m.layer_names:
-            raise ValueError(f"distillation layer {layer!r} is not a layer of {type(m).__name__}; "
+            raise UsageError(f"distillation layer {layer!r} is not a layer of {type(m).__name__}; "
                              f"allowed: {list(m.layer_names)}")
     return chosen
 
 
-class Dverge:
-    """The DVERGE training method (`TrainingMethod` protocol of `phalanx.train.api`)."""
+class Dverge(TrainingMethod):
+    """The DVERGE training method (a `phalanx.train.api.TrainingMethod`)."""
 
-    name: ClassVar[str] = "dverge"
     needs_source_batch: ClassVar[bool] = True
 
     def __init__(self, cfg: DvergeConfig) -> None:
@@ -145,7 +146,7 @@ class Dverge:
                 raise RuntimeError("call start_epoch before loss: it draws the distillation layer")
             self.layers = draw_layers(members, self.cfg, rng)
         if len(members) < 2:
-            raise ValueError(f"DVERGE needs at least 2 members, got {len(members)}")
+            raise UsageError(f"DVERGE needs at least 2 members, got {len(members)}")
         x, x_s, y_s = batch.x, batch.x_source, batch.y_source
         if self.cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -192,16 +193,16 @@ class Dverge:
         others = ce.shape[0] - 1
         div = ce[:, :others].sum(dim=1)
         terms = self.cfg.coeff * div
-        extras = {"diversity_loss": float(div.detach().mean())}
+        extras = {"diversity_loss": div.detach().mean()}
         column = others
         if self.cfg.clean_weight > 0:
             terms = terms + self.cfg.clean_weight * ce[:, column]
-            extras["clean_loss"] = float(ce[:, column].detach().mean())
+            extras["clean_loss"] = ce[:, column].detach().mean()
             column += 1
         if self.cfg.plus_adv:
             terms = terms + ce[:, column]
-            extras["adversarial_loss"] = float(ce[:, column].detach().mean())
-        return StepOutput(terms.sum(), terms.detach().tolist(), extras)
+            extras["adversarial_loss"] = ce[:, column].detach().mean()
+        return StepOutput(terms.sum(), terms.detach(), extras)
 
     def _stacked(self, members: Sequence[Classifier]) -> StackedMembers | None:
         """The members as one stacked network when `stack_members` asks for it (built once, reused)."""
@@ -215,7 +216,7 @@ class Dverge:
         if self._stack is None or self._stack_key != key:
             self._stack, self._stack_key = stack_members(members), key
         if self._stack is None and mode == "always":
-            raise ValueError("stack_members = always, but these members cannot be stacked (they need one "
+            raise UsageError("stack_members = always, but these members cannot be stacked (they need one "
                              "stackable architecture: " + ", ".join(sorted({type(m).__name__ for m in members}))
                              + "); use auto or never")
         return self._stack
@@ -231,7 +232,6 @@ class Dverge:
         The random starts come from a generator of their own, seeded the same at every call,
         so that epochs are compared on equal terms and `rng` (the training stream) is untouched.
         """
-        from phalanx.eval.diversity import transferability_matrix, vulnerability_diversity
 
         device = next(members[0].parameters()).device
         n = min(DIAGNOSTIC_EXAMPLES, len(y))

@@ -26,16 +26,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phalanx.attacks import Loss, attack_mode, input_gradient
+from phalanx.attacks import fgsm_per_example
+from phalanx.data.batching import truncated_normal
+from phalanx.errors import UsageError
 from phalanx.models import Classifier
-from phalanx.train.api import Batch, StepOutput
-from phalanx.train.gal import add_truncated_noise, gal_objective, truncated_normal
+from phalanx.runs import frozen, load_frozen_members
+from phalanx.train.api import Batch, StepOutput, TrainingMethod
+from phalanx.train.gal import add_truncated_noise, gal_objective
 
 
 @dataclass(frozen=True)
@@ -88,37 +91,12 @@ def draw_eps(n: int, *, eps: float, distribution: str, generator: torch.Generato
     return truncated_normal((n,), std=eps / 2, generator=generator).abs()
 
 
-def fgsm_per_example(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """x + eps_b * sign(grad_x CE(model(x_b), y_b)), clamped to [0, 1]; `eps` has one value per example."""
-    with attack_mode(model):
-        grad = input_gradient(model, x, y, loss=Loss.CE, targeted=False)
-    step = eps.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1))) * grad.sign()
-    return (x.detach() + step).clamp(0.0, 1.0)
-
-
-def frozen(model: nn.Module) -> nn.Module:
-    """`model` in eval mode with parameters that take no gradient: a fixed function of its input."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def load_frozen_members(run_dir: str) -> list[nn.Module]:
-    """The members of a finished run (latest checkpoint), on the CPU, frozen (`frozen`)."""
-    from phalanx.runs import load_members
-
-    return [frozen(m) for m in load_members(run_dir, "cpu")[0]]
-
-
-class EnsAdv:
-    """Ensemble adversarial training (`TrainingMethod` protocol of `phalanx.train.api`).
+class EnsAdv(TrainingMethod):
+    """Ensemble adversarial training (a `phalanx.train.api.TrainingMethod`).
 
     `static_models` replaces loading `cfg.static_runs` (for tests and library use).
     """
 
-    name: ClassVar[str] = "ensadv"
-    needs_source_batch: ClassVar[bool] = False
 
     def __init__(self, cfg: EnsAdvConfig, static_models: Sequence[nn.Module] | None = None) -> None:
         self.cfg = cfg
@@ -132,8 +110,6 @@ class EnsAdv:
         self._static = [m.to(device) for m in self._static]
         return self._static
 
-    def start_epoch(self, epoch: int, members: Sequence[Classifier], rng: torch.Generator) -> dict[str, object]:
-        return {}
 
     def pick(self, count: int, rng: torch.Generator) -> int:
         if self.cfg.source == "round-robin":
@@ -152,14 +128,14 @@ class EnsAdv:
         else:
             labels = batch.y
         eps = draw_eps(len(batch.y), eps=self.cfg.eps, distribution=self.cfg.eps_distribution, generator=rng)
-        return fgsm_per_example(model, batch.x, labels, eps), k
+        return fgsm_per_example(model, batch.x, labels, eps=eps), k
 
     def loss(self, members: Sequence[Classifier], batch: Batch, rng: torch.Generator) -> StepOutput:
         x_adv, k = self.adversarial_batch(batch, rng)
         x, y = torch.cat([batch.x, x_adv]), torch.cat([batch.y, batch.y])
         if isinstance(self.cfg, EnsAdvGalConfig):
             if len(members) < 2:
-                raise ValueError(f"ensadv+gal needs at least 2 members, got {len(members)}")
+                raise UsageError(f"ensadv+gal needs at least 2 members, got {len(members)}")
             if self.cfg.noise_eps > 0:
                 noisy = add_truncated_noise(batch.x, eps=self.cfg.noise_eps, generator=rng)
                 x, y = torch.cat([x, noisy]), torch.cat([y, batch.y])
@@ -169,4 +145,4 @@ class EnsAdv:
         # the mean CE over clean + adversarial halves = 0.5 * (CE_clean + CE_adv), Tramèr et al.
         losses = [F.cross_entropy(m(x), y) for m in members]
         extras = {"static_model": float(k)}
-        return StepOutput(torch.stack(losses).sum(), [float(v.detach()) for v in losses], extras)
+        return StepOutput(torch.stack(losses).sum(), torch.stack(losses).detach(), extras)

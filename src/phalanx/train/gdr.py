@@ -3,11 +3,11 @@ directions raise all their losses at once.
 
     Loss = (1/N) sum_i CE_i + lambda * mean_batch GDR(grad_x CE_1, ..., grad_x CE_N)
 
-GDR is the first-order fraction of directions that increase every member's loss
-(`phalanx.eval.gdr`), a function of the pairwise cosines of the input gradients; it is exact
-and differentiable for N <= 3 members and, for N >= 4, replaced by the mean of the 3-member
-GDRs over all triples (`smooth_gdr`). Unlike GAL's log-sum-exp of cosines, it does not push
-every pair towards the same angle (the blog's three-model example). The input gradients are
+GDR is the first-order fraction of directions that increase every member's loss (derived in
+`phalanx.geometry`, which the evaluation's `phalanx.eval.gdr` also uses), a function of the
+pairwise cosines of the input gradients; it is exact and differentiable for N <= 3 members and,
+for N >= 4, replaced by the mean of the 3-member GDRs over all triples (`smooth_gdr`). Unlike
+GAL's log-sum-exp of cosines, it does not push every pair towards the same angle (the blog's three-model example). The input gradients are
 taken with create_graph=True (double back-propagation), as for GAL. The preprint's exact
 regularizer was not available to us: this follows the blog's definition; lambda has no
 published default and 0.5 (GAL's) is our choice.
@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from phalanx.eval.gdr import smooth_gdr
+from phalanx.geometry import ce_input_gradients, smooth_gdr
 from phalanx.models import Classifier
-from phalanx.train.api import Batch, StepOutput
-from phalanx.train.gal import Gal, GalConfig, input_gradients
+from phalanx.train.api import Batch, StepOutput, TrainingMethod
+from phalanx.train.gal import Gal, GalConfig
 
 
 @dataclass(frozen=True)
@@ -43,11 +42,9 @@ class GdrConfig:
             raise ValueError(f"noise_eps must be >= 0, got {self.noise_eps}")
 
 
-class Gdr:
-    """GDR-regularized ensemble training (`TrainingMethod` protocol of `phalanx.train.api`)."""
+class Gdr(TrainingMethod):
+    """GDR-regularized ensemble training (a `phalanx.train.api.TrainingMethod`)."""
 
-    name: ClassVar[str] = "gdr"
-    needs_source_batch: ClassVar[bool] = False
 
     def __init__(self, cfg: GdrConfig) -> None:
         self.cfg = cfg
@@ -61,8 +58,8 @@ class Gdr:
     def loss(self, members: Sequence[Classifier], batch: Batch, rng: torch.Generator) -> StepOutput:
         self._gal.check_members(members)
         x, y = self._gal.inputs(batch, rng)
-        losses, grads = input_gradients(members, x, y, create_graph=self.cfg.gdr_lambda > 0)
+        losses, grads = ce_input_gradients(members, x, y, create_graph=self.cfg.gdr_lambda > 0)
         gdr = smooth_gdr(grads).mean()
         ce = torch.stack(losses).mean()
         total = ce + self.cfg.gdr_lambda * gdr if self.cfg.gdr_lambda > 0 else ce
-        return StepOutput(total, [float(v.detach()) for v in losses], {"gdr": float(gdr.detach())})
+        return StepOutput(total, torch.stack(losses).detach(), {"gdr": gdr.detach()})

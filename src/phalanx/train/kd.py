@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ from torch import nn
 
 from phalanx.models import Classifier
 from phalanx.train.api import Batch, StepOutput
-from phalanx.train.rrm import TeacherMixin
+from phalanx.train.teacher import TeacherMixin
 
 
 @dataclass(frozen=True)
@@ -54,17 +53,13 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 class Kd(TeacherMixin):
-    """Knowledge distillation (`TrainingMethod` protocol of `phalanx.train.api`)."""
+    """Knowledge distillation (a `phalanx.train.api.TrainingMethod`)."""
 
-    name: ClassVar[str] = "kd"
-    needs_source_batch: ClassVar[bool] = False
 
     def __init__(self, cfg: KdConfig, teacher: nn.Module | None = None) -> None:
         self.cfg = cfg
         self._init_teacher(cfg.teacher_run, cfg.teacher_member, teacher)
 
-    def start_epoch(self, epoch: int, members: Sequence[Classifier], rng: torch.Generator) -> dict[str, object]:
-        return {}
 
     def loss(self, members: Sequence[Classifier], batch: Batch, rng: torch.Generator) -> StepOutput:
         with torch.no_grad():
@@ -77,4 +72,4 @@ class Kd(TeacherMixin):
             if a < 1:
                 term = term + (1 - a) * F.cross_entropy(logits, batch.y)
             terms.append(term)
-        return StepOutput(torch.stack(terms).sum(), [float(v.detach()) for v in terms])
+        return StepOutput(torch.stack(terms).sum(), torch.stack(terms).detach())

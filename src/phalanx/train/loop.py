@@ -2,136 +2,60 @@
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 from collections.abc import Sequence
-import contextlib
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from phalanx.checkpoint import (
-    Checkpoint, CheckpointError, checkpoint_from_bytes, discard_incomplete, latest_checkpoint, pack_members,
-    pack_optimizer, save_checkpoint, unpack_members, unpack_optimizer,
-)
-from phalanx.config import DEVICE_RULE, ConfigError, OptimConfig, RunConfig, fingerprint, to_mapping, valid_device
-from phalanx.data import Augment, DeviceBatches, dataset_info, load_dataset, train_val_split
-from phalanx.files import DamagedFileError, append_jsonl, loads_checked, remove_temp_files, write_text_atomic
+from phalanx.checkpoint import CheckpointError, discard_incomplete
+from phalanx.config import ConfigError, RunConfig
+from phalanx.device import autocast, resolve_device
+from phalanx.data import Augment, DeviceBatches, dataset_info
+from phalanx.data.splits import SplitData, load_training_data
+from phalanx.files import append_jsonl, remove_temp_files
 from phalanx.tensorboard import TensorboardLog
-from phalanx.models import Classifier, mixture_log_probs
+from phalanx.models import Classifier, InputSpec
 from phalanx.runs import (
-    RunDirError, build_members, check_identity, check_run_dir, checkpoint_dir, load_members, locked, metrics_path,
+    RunDirError, build_members, check_run_dir, checkpoint_dir, load_members, locked, metrics_path,
     prepare_run_dir, read_run_config,
 )
 from phalanx.train.api import Batch
 from phalanx.train.distributed import DistContext, process_group
+from phalanx.train.optimization import lr_at, make_optimizer, method_parameters
 from phalanx.train.registry import build_method
+from phalanx.train.run_state import (
+    EpochProgress, keep_metrics_through, restore, resume_checkpoint, save_run_checkpoint as _save, sum_tensor,
+)
+from phalanx.train.validation import validate
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if not valid_device(name):
-        raise ConfigError(f"device = {name!r} is not allowed; expected {DEVICE_RULE}")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device = {name!r} asked for, but no CUDA device is available; use cpu or auto")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """The autocast context of `train.precision` (a no-op for float32)."""
-    if precision == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def lr_at(epoch: int, base_lr: float, cfg: OptimConfig, epochs: int) -> float:
-    """Learning rate for a 0-based epoch: constant, step (x gamma at each milestone) or cosine."""
-    if cfg.schedule == "step":
-        return base_lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
-    if cfg.schedule == "cosine":
-        return base_lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-    return base_lr
-
-
-def make_optimizer(members: Sequence[Classifier], cfg: OptimConfig,
-                   extra: Sequence[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
-    """One optimizer, one parameter group per member: per-parameter updates equal N separate optimizers.
-
-    `extra` (a method's own trainable parameters, if any) becomes one more group, last, with the
-    same hyper-parameters.
-    """
-    groups = [{"params": list(m.parameters())} for m in members]
-    if extra:
-        groups.append({"params": list(extra)})
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
 @dataclass
-class SplitData:
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    val_source: str
+class GivenData:
+    """Training data passed in (the Python API's tensors) instead of read from `cfg.data`."""
+
+    split: SplitData
+    spec: InputSpec
+    name: str
 
 
-def load_training_data(cfg: RunConfig) -> SplitData:
-    """Training split (optionally subset) and the validation set: held out, or the test split."""
-    d = cfg.data
-    x, y = load_dataset(d.dataset, "train", d.root, download=d.download, allow_noncanonical=d.allow_noncanonical)
-    if d.train_subset is not None:
-        x, y = x[: d.train_subset], y[: d.train_subset]
-    if d.val_size > 0:
-        tx, ty, vx, vy = train_val_split(x, y, d.val_size, cfg.seed, head=d.val_from == "head")
-        return SplitData(tx, ty, vx, vy, "train-holdout")
-    vx, vy = load_dataset(d.dataset, "test", d.root, download=d.download, allow_noncanonical=d.allow_noncanonical)
-    return SplitData(x, y, vx, vy, "test")
-
-
-@torch.no_grad()
-def validate(members: Sequence[Classifier], x_u8: torch.Tensor, y: torch.Tensor, device: torch.device,
-             batch_size: int = 1000) -> dict[str, Any]:
-    """Loss and accuracy of each member and of the mixture on a uint8 image set."""
-    modes = [m.training for m in members]
-    for m in members:
-        m.eval()
-    logits = []
-    for start in range(0, len(y), batch_size):
-        xb = x_u8[start:start + batch_size].to(device).float().div_(255)
-        logits.append(torch.stack([m(xb) for m in members]))
-    for m, mode in zip(members, modes):
-        m.train(mode)
-    all_logits = torch.cat(logits, dim=1)
-    y = y.to(device)
-    mix = mixture_log_probs(all_logits)
-    return {
-        "member_loss": [float(F.cross_entropy(lg, y)) for lg in all_logits],
-        "member_acc": [float((lg.argmax(1) == y).float().mean()) for lg in all_logits],
-        "mixture_loss": float(F.nll_loss(mix, y)),
-        "mixture_acc": float((mix.argmax(1) == y).float().mean()),
-    }
-
-
-def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, tensorboard: bool = False) -> Path:
+def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, tensorboard: bool = False,
+          members: Sequence[Classifier] | None = None, data: GivenData | None = None) -> Path:
     """Train the ensemble described by `cfg` into `run_dir`, resuming from its last checkpoint.
 
     Under `torchrun` every rank calls this: data-parallel training (phalanx.train.distributed),
     with rank 0 alone writing `run_dir`. `tensorboard`: also log the metrics to
-    `run_dir/tensorboard` (needs the tensorboard package).
+    `run_dir/tensorboard` (needs the tensorboard package). `members` (trained in place) and
+    `data` replace those that `cfg` describes (the Python API, phalanx.api).
     """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
@@ -140,11 +64,13 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, tensorb
     method = build_method(cfg.train.method, cfg.method)
     if cfg.train.init_from:
         _check_init_from(cfg)
-    data = load_training_data(cfg)
-    if cfg.train.batch_size > len(data.train_y):
+    split = data.split if data is not None else load_training_data(cfg.data, cfg.seed)
+    spec = data.spec if data is not None else dataset_info(cfg.data.dataset, cfg.data.root).spec
+    dataset = data.name if data is not None else dataset_info(cfg.data.dataset, cfg.data.root).name.value
+    if cfg.train.batch_size > len(split.train_y):
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the training set "
-                          f"({len(data.train_y)} examples); use at most {len(data.train_y)}")
-    members = _initial_members(cfg)
+                          f"({len(split.train_y)} examples); use at most {len(split.train_y)}")
+    members = list(members) if members is not None else _initial_members(cfg)
     with process_group(device) as ctx:
         if ctx is not None and cfg.train.batch_size < ctx.world_size:
             raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is the global batch, split across "
@@ -159,7 +85,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, tensorb
             if tensorboard and (ctx is None or ctx.is_main):
                 board = TensorboardLog(run_dir / TENSORBOARD_DIR)
                 stack.callback(board.close)
-            start = _Start(data, method, members)
+            start = _Start(split, method, members, spec, dataset)
             if ctx is None:
                 return _train_locked(cfg, run_dir, progress, device, None, start, board)
             return _train_locked(cfg, run_dir, progress and ctx.is_main, ctx.device, ctx, start, board)
@@ -175,6 +101,8 @@ class _Start:
     data: SplitData
     method: Any
     members: list[Classifier]
+    spec: InputSpec
+    dataset: str
 
 
 def _check_init_from(cfg: RunConfig) -> None:
@@ -186,7 +114,7 @@ def _check_init_from(cfg: RunConfig) -> None:
     except (RunDirError, ConfigError, CheckpointError) as exc:
         raise ConfigError(f"train.init_from = {source!r} is not allowed: {exc}") from None
     diffs = [f"{key} = {mine!r} here, {theirs!r} there" for key, mine, theirs in (
-        ("model.arch", cfg.model.arch, other.model.arch), ("model.members", cfg.model.members, other.model.members),
+        ("model.arch", cfg.model.label, other.model.label), ("model.members", cfg.model.count, other.model.count),
         ("data.dataset", cfg.data.dataset, other.data.dataset)) if mine != theirs]
     if diffs:
         raise ConfigError(f"train.init_from = {source!r} is not allowed: that run does not fit this one "
@@ -211,24 +139,11 @@ def _prepare(run_dir: Path, cfg: RunConfig) -> None:
     discard_incomplete(checkpoint_dir(run_dir))
 
 
-@dataclass
-class _EpochProgress:
-    """Where an epoch stands: batches done, their loss sums, time spent, the rng before start_epoch,
-    and the sums of the method's per-batch extras (GAL, coherence, DVERGE's diversity loss, ...)."""
-
-    batch: int
-    sums: list[float]
-    seconds: float
-    rng_epoch_start: torch.Tensor
-    extra_sums: dict[str, float] = field(default_factory=dict)
-
-
 def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.device,
                   ctx: DistContext | None, start: _Start, board: TensorboardLog | None = None) -> Path:
-    info = dataset_info(cfg.data.dataset, cfg.data.root)
     data, method = start.data, start.method
     members = [m.to(device) for m in start.members]
-    extra = _method_parameters(method, members, cfg.seed, device)
+    extra = method_parameters(method, members, cfg.seed, device)
     params = [p for m in members for p in m.parameters()] + extra
     optimizer = make_optimizer(members, cfg.optim, extra)
     rng = torch.Generator(device=device)
@@ -238,27 +153,10 @@ def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.d
     augment = Augment(crop_padding=a.crop_padding, flip=a.flip, noise_std=a.noise_std, noise=a.noise)
     batches = DeviceBatches(data.train_x, data.train_y, cfg.train.batch_size, device=device,
                             augment=augment, seed=cfg.seed)
-    start_epoch, resume = 0, None
-    ckpt = _resume_checkpoint(run_dir, ctx)
-    if ckpt is not None:
-        check_identity(run_dir, cfg, ckpt)
-        if "optimizer" not in ckpt.meta or "rng.method" not in ckpt.tensors:
-            raise CheckpointError(f"checkpoint {ckpt.path} lacks the optimizer or generator state a resume needs "
-                                  "(damaged, or not written by phalanx train)")
-        unpack_members(ckpt.tensors, members)
-        if hasattr(method, "load_state_dict"):  # before the optimizer: its state covers these parameters
-            method.load_state_dict({k[len(_METHOD):]: v for k, v in ckpt.tensors.items() if k.startswith(_METHOD)})
-        unpack_optimizer(optimizer, ckpt.tensors, ckpt.meta["optimizer"])
-        rng.set_state(ckpt.tensors["rng.method"].to(torch.uint8).cpu())
-        start_epoch = ckpt.meta["epoch"]
-        partial = ckpt.meta.get("partial")
-        if partial is not None:
-            batches.load_state_dict(partial["batches"])
-            resume = _EpochProgress(batches.state_dict()["batch"], list(partial["member_loss_sums"]),
-                                    float(partial["seconds"]), ckpt.tensors["rng.epoch_start"].to(torch.uint8).cpu(),
-                                    dict(partial.get("extra_sums", {})))
+    start_epoch, resume = restore(run_dir, cfg, resume_checkpoint(run_dir, ctx), members, method, optimizer, rng,
+                                  batches, device)
     if ctx is None or ctx.is_main:
-        _keep_metrics_through(metrics_path(run_dir), start_epoch)
+        keep_metrics_through(metrics_path(run_dir), start_epoch)
     for m in members:
         m.train()
 
@@ -279,7 +177,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.d
             rng.set_state(now)
             state, resume = resume, None
         else:
-            state = _EpochProgress(0, [0.0] * len(members), 0.0, rng.get_state())
+            state = EpochProgress(0, sum_tensor([0.0] * len(members), device), 0.0, rng.get_state())
             epoch_log = method.start_epoch(epoch, members, rng)
         sums, steps, extra_sums = state.sums, state.batch, state.extra_sums
         stream = (batches.epoch_pairs(epoch, start_batch=steps) if method.needs_source_batch
@@ -302,43 +200,50 @@ def _train_locked(cfg: RunConfig, run_dir: Path, progress: bool, device: torch.d
                 member_losses, extras = _distributed_backward(ctx, method, members, params, optimizer, batch, rng,
                                                               epoch, steps, run_dir, cfg.train.precision)
             optimizer.step()
-            sums = [s + v for s, v in zip(sums, member_losses)]
+            # summed as tensors on the device; read back once per epoch (a host sync per step otherwise)
+            sums = sums + torch.as_tensor(member_losses, dtype=torch.float64, device=sums.device)
             for key, value in extras.items():
-                extra_sums[key] = extra_sums.get(key, 0.0) + value
+                extra_sums[key] = extra_sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float64,
+                                                                              device=sums.device)
             steps += 1
-            if progress:
-                bar.set_postfix(loss=f"{sum(sums) / steps / len(members):.3f}")
+            if not bar.disable and steps % POSTFIX_EVERY == 0:
+                bar.set_postfix(loss=f"{float(sums.sum()) / steps / len(members):.3f}")
             if board is not None:
-                board.batch_loss(epoch * len(batches) + steps, sum(sums) / steps / len(members),
+                board.batch_loss(epoch * len(batches) + steps, lambda: float(sums.sum()) / steps / len(members),
                                  epoch_end=steps == len(batches))
             if every and (epoch * len(batches) + steps) % every == 0 and steps < len(batches):
-                done = _EpochProgress(steps, sums, state.seconds + time.perf_counter() - started,
+                done = EpochProgress(steps, sums, state.seconds + time.perf_counter() - started,
                                       state.rng_epoch_start, extra_sums)
-                _on_main(ctx, lambda: _save(run_dir, cfg, epoch, members, optimizer, rng, info.name,
+                _on_main(ctx, lambda: _save(run_dir, cfg, epoch, members, optimizer, rng, start.spec, start.dataset,
                                             method=method, progress=done, batches=batches.state_dict()))
         train_seconds = state.seconds + time.perf_counter() - started
 
         def finish_epoch() -> dict[str, Any]:
             val = validate(members, data.val_x, data.val_y, device)
             record: dict[str, Any] = {
-                "epoch": epoch + 1, "lr": lr_now, "train_loss": [s / max(steps, 1) for s in sums],
-                **{f"train_{k}": v / max(steps, 1) for k, v in extra_sums.items()},
+                "epoch": epoch + 1, "lr": lr_now, "train_loss": (sums / max(steps, 1)).tolist(),
+                **{f"train_{k}": float(v) / max(steps, 1) for k, v in extra_sums.items()},
                 **{f"val_{k}": v for k, v in val.items()}, "val_source": data.val_source,
                 "epoch_seconds": train_seconds, **epoch_log,
             }
             every_diag = cfg.train.diagnostics_every
-            if every_diag and (epoch + 1) % every_diag == 0 and hasattr(method, "diagnostics"):
-                record["diagnostics"] = method.diagnostics(members, data.val_x, data.val_y, rng)
+            if every_diag and (epoch + 1) % every_diag == 0:
+                diagnostics = method.diagnostics(members, data.val_x, data.val_y, rng)
+                if diagnostics is not None:
+                    record["diagnostics"] = diagnostics
             append_jsonl(metrics_path(run_dir), record)
             if board is not None:
                 board.epoch(record)
-            _save(run_dir, cfg, epoch + 1, members, optimizer, rng, info.name, method=method)
+            _save(run_dir, cfg, epoch + 1, members, optimizer, rng, start.spec, start.dataset, method=method)
             return record
 
         record = _on_main(ctx, finish_epoch)
         if progress and record is not None:
             tqdm.write(_epoch_line(record))
     return run_dir
+
+
+POSTFIX_EVERY = 10  # steps between progress-bar loss updates (each reads the running sum back to the host)
 
 
 def _on_main(ctx: DistContext | None, fn: Any) -> Any:
@@ -363,125 +268,20 @@ def _distributed_backward(ctx: DistContext, method: Any, members: Sequence[Class
     local = Batch(ctx.shard(batch.x), ctx.shard(batch.y), ctx.shard(batch.x_source), ctx.shard(batch.y_source))
     weight = len(local.y) / len(batch.y)
     optimizer.zero_grad(set_to_none=True)
-    member_losses, bad, extras = [0.0] * len(members), 0.0, {}
+    member_losses: list[float] = [0.0] * len(members)
+    bad, extras = 0.0, {}
     if len(local.y):
         with autocast(ctx.device, precision):
             out = method.loss(members, local, rng)
         if torch.isfinite(out.loss):
             out.loss.backward()
-            member_losses, extras = [v * weight for v in out.member_losses], out.extras
+            member_losses, extras = [float(v) * weight for v in out.member_losses], out.extras
         else:
             bad = 1.0
     reduced = ctx.reduce_step(params, weight, [bad, *member_losses])
     if reduced[0]:
         _diverged(float("nan"), epoch, steps, run_dir)
     return reduced[1:], extras
-
-
-_METHOD = "method."  # checkpoint key prefix of a method's own tensors
-
-
-def _method_parameters(method: Any, members: Sequence[Classifier], seed: int,
-                       device: torch.device) -> list[torch.nn.Parameter]:
-    """A method's own trainable parameters (`extra_parameters(members)`, e.g. RRM's projections),
-    built once the members are on `device`; [] for methods without any.
-
-    They are initialized from a seed of their own, so a run (and every torchrun rank) gets the
-    same ones whatever drew from torch's global generator before.
-    """
-    if not hasattr(method, "extra_parameters"):
-        return []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed * 1000 + 999)
-        return list(method.extra_parameters(members))
-
-
-def _resume_checkpoint(run_dir: Path, ctx: DistContext | None) -> Checkpoint | None:
-    """The checkpoint to resume from; under torchrun rank 0 reads it and sends it to the others,
-    so the run directory need not be visible from every node."""
-    if ctx is None:
-        return latest_checkpoint(checkpoint_dir(run_dir))
-    ckpt = latest_checkpoint(checkpoint_dir(run_dir)) if ctx.is_main else None
-    meta = ctx.broadcast_bytes(json.dumps(ckpt.meta).encode() if ckpt is not None else None)
-    if not meta:
-        return None
-    blob = ctx.broadcast_bytes(ckpt.path.with_suffix(".safetensors").read_bytes() if ckpt is not None else None)
-    return checkpoint_from_bytes(json.loads(meta), blob, checkpoint_dir(run_dir))
-
-
-def _save(run_dir: Path, cfg: RunConfig, epoch: int, members: Sequence[Classifier],
-          optimizer: torch.optim.Optimizer, rng: torch.Generator, dataset: str, *, method: Any = None,
-          progress: _EpochProgress | None = None, batches: dict[str, int] | None = None) -> None:
-    """A checkpoint after `epoch` epochs, or, with `progress`, part way through the next one.
-
-    A method with a `state_dict()` (its own trained tensors) has them saved under `method.`.
-    """
-    spec = dataset_info(cfg.data.dataset, cfg.data.root).spec
-    optim_tensors, optim_plain = pack_optimizer(optimizer)
-    tensors = {**pack_members(members), **optim_tensors, "rng.method": rng.get_state()}
-    if hasattr(method, "state_dict"):
-        tensors.update({f"{_METHOD}{k}": v for k, v in method.state_dict().items()})
-    meta: dict[str, Any] = {
-        "arch": cfg.model.arch, "dataset": dataset, "method": cfg.train.method, "members": len(members),
-        "classes": spec.num_classes, "input_shape": [spec.channels, spec.size, spec.size],
-        "fingerprint": fingerprint(cfg), "optimizer": optim_plain,
-        "config": to_mapping(cfg),
-    }
-    batch = 0
-    if progress is not None:
-        batch = progress.batch
-        tensors["rng.epoch_start"] = progress.rng_epoch_start
-        # floats survive JSON exactly (repr round-trips), so the resumed epoch logs the same loss
-        meta["partial"] = {"batches": batches, "member_loss_sums": progress.sums, "seconds": progress.seconds,
-                           "extra_sums": progress.extra_sums}
-    save_checkpoint(checkpoint_dir(run_dir), epoch, tensors, meta, keep=cfg.train.keep_checkpoints, batch=batch)
-
-
-def _keep_metrics_through(path: Path, epoch: int) -> None:
-    """Drop metric lines past the checkpoint we resume from (written before a crash), and a line
-    torn by a kill during its write, so that each epoch is logged once.
-
-    A kill can leave at most one epoch logged past the newest checkpoint (its line is written just
-    before its checkpoint), and a torn line only as the last, unterminated one. More epochs mean
-    checkpoints were lost, and any other damaged line (not JSON, or not matching its checksum) is a
-    record that cannot be trusted: either way the log is kept as it is and the resume refused.
-    """
-    if not path.is_file():
-        return
-    text = path.read_text(encoding="utf-8", errors="replace")
-    raw = text.splitlines()
-    lines, logged = [], 0
-    for number, ln in enumerate(raw, start=1):
-        if not ln.strip():
-            continue
-        try:
-            record = loads_checked(ln, f"line {number} of {path}")
-        except json.JSONDecodeError:
-            if number == len(raw) and not text.endswith("\n"):
-                continue  # torn by a kill during its write
-            raise DamagedFileError(f"line {number} of {path} is damaged: not JSON; {_REFUSE_DAMAGED_LOG}") from None
-        except DamagedFileError as exc:
-            raise DamagedFileError(f"{exc}; {_REFUSE_DAMAGED_LOG}") from None
-        if not isinstance(record, dict):
-            continue
-        number = record.get("epoch", 0)
-        if isinstance(number, bool) or not isinstance(number, int):
-            lines.append(ln)  # not an epoch line of ours: kept as it is
-            continue
-        logged = max(logged, number)
-        if number <= epoch:
-            lines.append(ln)
-    if logged > epoch + 1:
-        raise CheckpointError(f"{path} records epoch {logged} but the newest checkpoint in {path.parent / 'checkpoints'} "
-                              f"is at epoch {epoch}: checkpoints were lost; refusing to train over the log (move the "
-                              "run directory away to retrain it)")
-    kept = "".join(ln + "\n" for ln in lines)
-    if kept != text:
-        write_text_atomic(path, kept)
-
-
-_REFUSE_DAMAGED_LOG = ("refusing to resume over it (the log is kept as it is): restore or delete that line, "
-                       "or move the run directory away to retrain it")
 
 
 def _epoch_line(record: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +30,12 @@ from torch import nn
 
 from phalanx.models import Classifier
 from phalanx.train.api import Batch, StepOutput
-from phalanx.train.ensadv import load_frozen_members
+from phalanx.train.teacher import TeacherMixin
 
 
 def penultimate(model: Classifier, x: torch.Tensor) -> torch.Tensor:
     """The penultimate layer's output (after its activation), flattened: (batch, features)."""
-    return model.features(x, model.layer_names[-2], pre_activation=False).flatten(1)
+    return model.penultimate(x)
 
 
 def representation_distance(student: torch.Tensor, teacher: torch.Tensor,
@@ -44,25 +44,6 @@ def representation_distance(student: torch.Tensor, teacher: torch.Tensor,
     if kind == "cosine":
         return 1 - F.cosine_similarity(student, teacher, dim=1, eps=1e-6)
     return (student - teacher).norm(dim=1) / teacher.norm(dim=1).clamp(min=1e-12)
-
-
-class TeacherMixin:
-    """Loads member `teacher_member` of `teacher_run` once, frozen, and keeps it on the batch's device."""
-
-    def _init_teacher(self, run: str, member: int, teacher: nn.Module | None) -> None:
-        self._teacher_spec = (run, member)
-        self._teacher = teacher
-
-    def teacher(self, device: torch.device) -> nn.Module:
-        if self._teacher is None:
-            run, member = self._teacher_spec
-            members = load_frozen_members(run)
-            if not 0 <= member < len(members):
-                raise ValueError(f"teacher_member = {member} is not a member of {run} "
-                                 f"(it has {len(members)}: 0..{len(members) - 1})")
-            self._teacher = members[member]
-        self._teacher = self._teacher.to(device)
-        return self._teacher
 
 
 @dataclass(frozen=True)
@@ -96,13 +77,11 @@ class RrmConfig:
 
 
 class Rrm(TeacherMixin):
-    """RRM (`TrainingMethod` protocol of `phalanx.train.api`), plus `extra_parameters`/`state_dict`.
+    """RRM (a `phalanx.train.api.TrainingMethod`), plus `extra_parameters`/`state_dict`.
 
     `teacher` replaces loading `cfg.teacher_run` (tests and library use).
     """
 
-    name: ClassVar[str] = "rrm"
-    needs_source_batch: ClassVar[bool] = False
 
     def __init__(self, cfg: RrmConfig, teacher: nn.Module | None = None) -> None:
         self.cfg = cfg
@@ -136,8 +115,6 @@ class Rrm(TeacherMixin):
             raise RuntimeError("call extra_parameters(members) before load_state_dict: it builds the projections")
         self.projections.load_state_dict(state)
 
-    def start_epoch(self, epoch: int, members: Sequence[Classifier], rng: torch.Generator) -> dict[str, object]:
-        return {}
 
     def _projection(self, i: int, s_dim: int, t_dim: int) -> nn.Module:
         if self.projections is not None:
@@ -154,22 +131,22 @@ class Rrm(TeacherMixin):
             target = penultimate(teacher, batch.x)
         terms, feats = [], []
         for i, m in enumerate(members):
-            g = m.features(batch.x, m.layer_names[-2], pre_activation=False)
-            logits = _logits_from_penultimate(m, g, batch.x)
+            g, logits = _penultimate_and_logits(m, batch.x)
             g = self._projection(i, g.flatten(1).shape[1], target.shape[1])(g.flatten(1))
             dist = representation_distance(g, target, self.cfg.feat_loss).mean()
-            feats.append(float(dist.detach()))
+            feats.append(dist.detach())
             terms.append(self.cfg.xent_weight * F.cross_entropy(logits, batch.y) + self.cfg.feat_weight * dist)
         extras = {"representation_loss": sum(feats) / len(feats)}
-        return StepOutput(torch.stack(terms).sum(), [float(t.detach()) for t in terms], extras)
+        return StepOutput(torch.stack(terms).sum(), torch.stack(terms).detach(), extras)
 
 
-def _logits_from_penultimate(model: Classifier, penult: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The logits, reusing the penultimate output where the model is a chain of named stages
-    (`StagedClassifier`: the last stage maps the activated penultimate output to the logits);
-    otherwise a second forward of `x`."""
+def _penultimate_and_logits(model: Classifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The penultimate output and the logits, in one forward where the model is a chain of named
+    stages (`StagedClassifier`: the last stage maps the activated penultimate output to the
+    logits); otherwise a second forward of `x`."""
     from phalanx.models.conv import StagedClassifier
 
     if isinstance(model, StagedClassifier):
-        return model.stages[model.layer_names[-1]](penult)
-    return model(x)
+        g = model.features(x, model.layer_names[-2], pre_activation=False)
+        return g, model.stages[model.layer_names[-1]](g)
+    return model.penultimate(x), model(x)

@@ -37,21 +37,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from phalanx.attacks import Norm, attack_mode, project, sample_in_ball, steepest_step
+from phalanx.attacks import max_gradient_norm
+from phalanx.errors import UsageError
+from phalanx.geometry import ce_input_gradients, pairwise_cosines
 from phalanx.models import Classifier
-from phalanx.train.api import Batch, StepOutput
-from phalanx.train.gal import input_gradients, pairwise_cosines
-
-# The PGD step is delta / 3 (authors' trainer.py PGD: `alpha = eps / 3.`).
-STEP_FRACTION = 1 / 3
+from phalanx.train.api import Batch, StepOutput, TrainingMethod
 
 
 def _finite_at_least_zero(name: str, value: float) -> None:
@@ -102,40 +97,14 @@ def delta_at(epoch: int, cfg: TrsConfig) -> float:
     return cfg.init_delta + (cfg.final_delta - cfg.init_delta) * progress
 
 
-def max_gradient_norm(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *, delta: float,
-                      steps: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Points of the Linf delta ball around x (and in [0, 1]) where sum_i ||grad_x CE_i||^2 is high:
-    `steps` signed steps of delta/3 from a uniform random start (the authors' trainer.py PGD).
-
-    The members are evaluated in eval mode with frozen parameters, and left as found.
-    """
-    x = x.detach()
-    x_adv = sample_in_ball(x, eps=delta, norm=Norm.LINF, generator=generator)
-    with ExitStack() as stack:
-        for m in members:
-            stack.enter_context(attack_mode(m))
-        for _ in range(steps):
-            # input_gradients (gal.py) detaches its x; the ascent needs the gradient with respect to x_adv
-            x_adv = x_adv.detach().requires_grad_(True)
-            objective = x_adv.new_zeros(())
-            for m in members:
-                ce = F.cross_entropy(m(x_adv), y, reduction="none")
-                (g,) = torch.autograd.grad(ce.sum(), x_adv, create_graph=True)
-                objective = objective + g.pow(2).sum()
-            (ascent,) = torch.autograd.grad(objective, x_adv)
-            x_adv = project(x_adv.detach() + delta * STEP_FRACTION * steepest_step(ascent, Norm.LINF), x,
-                            eps=delta, norm=Norm.LINF)
-    return x_adv.detach()
-
-
 def smoothness_points(members: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, *, delta: float,
                       steps: int, generator: torch.Generator | None) -> torch.Tensor:
-    """x~: the first floor(B/2) examples as they are, the rest by `max_gradient_norm` (trainer.py
-    l.97-102); x itself when delta is 0 (nothing is drawn)."""
+    """x~: the first floor(B/2) examples as they are, the rest moved by `attacks.max_gradient_norm`
+    in the Linf delta ball (trainer.py l.97-102); x itself when delta is 0 (nothing is drawn)."""
     if delta == 0:
         return x
     clean = len(y) // 2
-    moved = max_gradient_norm(members, x[clean:], y[clean:], delta=delta, steps=steps, generator=generator)
+    moved = max_gradient_norm(members, x[clean:], y[clean:], eps=delta, steps=steps, generator=generator)
     return torch.cat([x[:clean].detach(), moved])
 
 
@@ -147,11 +116,9 @@ def smoothness(grads: Sequence[torch.Tensor], smooth_batch: int) -> torch.Tensor
     return per_member.mean() * (2 / smooth_batch ** 2)
 
 
-class Trs:
-    """TRS ensemble training (`TrainingMethod` protocol of `phalanx.train.api`)."""
+class Trs(TrainingMethod):
+    """TRS ensemble training (a `phalanx.train.api.TrainingMethod`)."""
 
-    name: ClassVar[str] = "trs"
-    needs_source_batch: ClassVar[bool] = False
 
     def __init__(self, cfg: TrsConfig) -> None:
         self.cfg = cfg
@@ -160,7 +127,7 @@ class Trs:
     @staticmethod
     def check_members(members: Sequence[nn.Module]) -> None:
         if len(members) < 2:
-            raise ValueError(f"TRS compares members' gradients: it needs at least 2 members, "
+            raise UsageError(f"TRS compares members' gradients: it needs at least 2 members, "
                              f"got {len(members)}")
 
     def start_epoch(self, epoch: int, members: Sequence[Classifier],
@@ -175,18 +142,18 @@ class Trs:
             raise RuntimeError("call start_epoch before loss: it sets the epoch's perturbation radius")
         self.check_members(members)
         cfg = self.cfg
-        ce, grads = input_gradients(members, batch.x, batch.y, create_graph=cfg.lambda_a > 0)
+        ce, grads = ce_input_gradients(members, batch.x, batch.y, create_graph=cfg.lambda_a > 0)
         total = torch.stack(ce).sum()  # trainer.py l.87: the members' CEs summed, not averaged
         # utils_ensemble.Cosine: |cos| averaged over examples; trainer.py l.95: the mean over pairs
         similarity = pairwise_cosines(grads).abs().mean()
-        extras = {"similarity": float(similarity.detach())}
+        extras = {"similarity": similarity.detach()}
         if cfg.lambda_a > 0:
             total = total + cfg.lambda_a * similarity
         if cfg.lambda_b > 0:
             x_s = smoothness_points(members, batch.x, batch.y, delta=self._delta, steps=cfg.pgd_steps,
                                     generator=rng)
-            _, grads_s = input_gradients(members, x_s, batch.y, create_graph=True)
+            _, grads_s = ce_input_gradients(members, x_s, batch.y, create_graph=True)
             smooth = smoothness(grads_s, cfg.smooth_batch)
             total = total + cfg.lambda_b * smooth
-            extras["smoothness"] = float(smooth.detach())
-        return StepOutput(total, [float(v.detach()) for v in ce], extras)
+            extras["smoothness"] = smooth.detach()
+        return StepOutput(total, torch.stack(ce).detach(), extras)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from phalanx.attacks.distillation import DistillConfig
-from phalanx.eval.diversity import distilled_loss_matrix, transferability_matrix, vulnerability_diversity
+from phalanx.attacks.diversity import distilled_loss_matrix, transferability_matrix, vulnerability_diversity
 from phalanx.models import InputSpec, build_model
 
 SPEC = InputSpec(channels=3, size=16, num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3)

@@ -12,7 +12,6 @@ Both return plain lists of lists of floats (JSON-ready). Members are evaluated i
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -21,13 +20,6 @@ import torch.nn.functional as F
 from phalanx.attacks import attack_mode, pgd
 from phalanx.attacks.distillation import DistillConfig, distill_with
 from phalanx.models import Classifier
-
-
-def _all_in_attack_mode(members: Sequence[Classifier]) -> contextlib.ExitStack:
-    stack = contextlib.ExitStack()
-    for m in members:
-        stack.enter_context(attack_mode(m))
-    return stack
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
@@ -63,7 +55,7 @@ def distilled_loss_matrix(
         raise ValueError("layer: give at least one layer name")
     n = len(members)
     total = torch.zeros(n, n, dtype=torch.float64)
-    with _all_in_attack_mode(members):
+    with attack_mode(*members):
         for name in layers:
             for i, source in enumerate(members):
                 x_distilled = distill_with(source, x_s, x, layer=name, config=distill_cfg,
@@ -128,7 +120,7 @@ def transferability_matrix(
     _check_pair(x, y, "x, y")
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
-    with _all_in_attack_mode(members), torch.no_grad():
+    with attack_mode(*members), torch.no_grad():
         if only_correct:
             keep = torch.stack([m(x).argmax(1) == y for m in members]).all(0)
             if not bool(keep.any()):
@@ -141,7 +133,7 @@ def transferability_matrix(
         for i, source in enumerate(members):
             x_adv = pgd(source, x, y, eps=eps, alpha=alpha, steps=steps, random_start=True,
                         generator=generator)
-            with _all_in_attack_mode(members), torch.no_grad():
+            with attack_mode(*members), torch.no_grad():
                 for j, m in enumerate(members):
                     correct[i, j] &= m(x_adv).argmax(1) == y
     return correct.double().mean(-1).tolist()
