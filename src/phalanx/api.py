@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from phalanx.config import (
-    TENSOR_DATA, AttackConfig, ConfigError, RunConfig, SuiteConfig, from_mapping, read_yaml_mapping, set_key,
+    TENSOR_DATA, ConfigError, RunConfig, SuiteConfig, from_mapping, read_yaml_mapping, set_key,
     to_mapping,
 )
+from phalanx.attacks import AttackSpec
 from phalanx.errors import UsageError
 from phalanx.models import InputSpec, Mixture
 from phalanx.models.user import as_member
@@ -213,7 +214,7 @@ def evaluate(model: str | Path | Mixture | Sequence[nn.Module], data: str | Tens
     from phalanx.device import resolve_device
 
     suite_cfgs = tuple(from_mapping(SuiteConfig, {"name": s, "eps": eps}, "suites[]") for s in suites)
-    attack_cfgs = tuple(from_mapping(AttackConfig, dict(a), "attacks[]") for a in attacks)
+    attack_cfgs = tuple(AttackSpec.from_mapping(dict(a), "attacks[]") for a in attacks)
     if isinstance(model, (str, Path)) and data is None:
         from phalanx.eval.run_eval import evaluate_run
 
@@ -251,7 +252,6 @@ def transfer(surrogate: str | Path | Sequence[nn.Module], target: str | Path | S
     `phalanx eval --transfer-from` writes (no file is written)."""
     from phalanx.eval.sanity import apply_sanity_checks
     from phalanx.eval.transfer import GAL_TRANSFER_ATTACKS, craft_on_surrogate, transfer_records
-    from phalanx.eval.whitebox import attack_spec
     from phalanx.runs import load_members, read_run_config
     from phalanx.device import resolve_device
 
@@ -273,8 +273,7 @@ def transfer(surrogate: str | Path | Sequence[nn.Module], target: str | Path | S
         return [m.to(dev).eval() for m in _ensemble(side, fallback).members]
 
     default = GAL_TRANSFER_ATTACKS.get(dataset, GAL_TRANSFER_ATTACKS["cifar10"])
-    cfgs = default if attacks is None else tuple(from_mapping(AttackConfig, dict(a), "attacks[]") for a in attacks)
-    specs = [attack_spec(c) for c in cfgs]
+    specs = default if attacks is None else tuple(AttackSpec.from_mapping(dict(a), "attacks[]") for a in attacks)
     crafted = craft_on_surrogate(members_of(surrogate), x, y, specs, seed=seed, batch_size=batch_size)
     described = [({"attack": s.name.value, "eps": s.eps, "params": s.resolved_params()}, a) for s, a in zip(specs, crafted)]
     records = transfer_records(Mixture(members_of(target)).eval(), x, y, described, source="transfer:surrogate",

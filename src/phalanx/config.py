@@ -492,12 +492,3 @@ def identity_differences(a: RunConfig, b: RunConfig) -> list[str]:
     return [f"{k} = {ia.get(k, '(absent)')!r} vs {ib.get(k, '(absent)')!r}"
             for k in sorted(set(ia) | set(ib)) if ia.get(k, "(absent)") != ib.get(k, "(absent)")]
 
-
-def __getattr__(name: str) -> Any:
-    # Transitional: phalanx/api.py still imports `AttackConfig`, which is `AttackSpec` now; remove
-    # this once it reads `from phalanx.attacks import AttackSpec`.
-    if name == "AttackConfig":
-        from phalanx.attacks import AttackSpec
-
-        return AttackSpec
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,12 +22,6 @@ __all__ = ["accuracy", "correct_mask", "evaluate_whitebox", "max_perturbation", 
            "strongest_records"]
 
 
-def attack_spec(spec: AttackSpec) -> AttackSpec:
-    # Transitional: phalanx/api.py still converts its `attacks` with this; they are AttackSpecs
-    # already. Remove once it no longer calls it.
-    return spec
-
-
 def convergence_spec(spec: AttackSpec) -> AttackSpec | None:
     """The same attack with twice the steps and more restarts (`--check-convergence`), or None for an
     attack without steps. A derived step is derived again (PGD: 2.5 * eps / (2 * steps)); an explicit
