@@ -438,22 +438,30 @@ def league_title(doc: Mapping[str, Any]) -> str:
             f"{doc['epochs']} epochs, eps {doc['eps']:g} (Linf); mixture accuracy (%) ±95% interval")
 
 
-def write_league(doc: Mapping[str, Any], out_dir: Path) -> None:
-    """league.json, league.png (robust against clean accuracy) and league.md in `out_dir`."""
-    from phalanx.eval.tables import CI_NOTE, markdown_table
-    from phalanx.files import write_json_atomic, write_text_atomic
-    from phalanx.report.figures import LeaguePoint, league_figure, save_png
+def league_points_figure(doc: Mapping[str, Any]) -> bytes:
+    """The league's figure (PNG bytes): each defense's white-box worst case against its clean
+    accuracy, with 95% intervals on both."""
+    from phalanx.report.figures import LeaguePoint, league_figure
 
-    write_json_atomic(out_dir / "league.json", doc)
     points = [LeaguePoint(method, e["clean"]["accuracy"], e["whitebox_worst_case"]["accuracy"],
                           tuple(e["clean"]["ci95"]), tuple(e["whitebox_worst_case"]["ci95"]))
               for method, e in doc["defenses"].items()]
     n = next(iter(doc["defenses"].values()))["clean"]["n"]
-    save_png(out_dir / "league.png", league_figure(
+    return league_figure(
         points, title=f"League {doc['name']}: {doc['dataset_display']}, {doc['members']} x {doc['arch']}, "
                       f"{doc['epochs']} epochs\nthe mixture's white-box worst case at eps {doc['eps']:g} "
                       f"(Linf) and clean accuracy, n = {n}, 95% intervals",
-        robust_label=f"white-box worst case at eps {doc['eps']:g} (%)"))
+        robust_label=f"white-box worst case at eps {doc['eps']:g} (%)")
+
+
+def write_league(doc: Mapping[str, Any], out_dir: Path) -> None:
+    """league.json, league.png (robust against clean accuracy) and league.md in `out_dir`."""
+    from phalanx.eval.tables import CI_NOTE, markdown_table
+    from phalanx.files import write_json_atomic, write_text_atomic
+    from phalanx.report.figures import save_png
+
+    write_json_atomic(out_dir / "league.json", doc)
+    save_png(out_dir / "league.png", league_points_figure(doc))
     protocol = doc["protocol"]
     transfer_names = ", ".join(f"{a['attack']} ({_params_text(a['params'])})"
                                for a in protocol["transfer"]["attacks"])

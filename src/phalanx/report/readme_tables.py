@@ -118,6 +118,30 @@ def gal_cifar_table(results: Path) -> str:
     return markdown_table(header, rows)
 
 
+LEAGUE_STEM = "league/cifar10-conv"  # results/league/cifar10-conv.json: `phalanx league league/cifar10-conv`'s league.json
+LEAGUE_FIGURE = Path("docs/figures/league-cifar10-conv.png")
+
+
+def league_block(results: Path) -> str:
+    """The CIFAR-10 seed-Conv league: one row per defense (epochs, training time, n, clean, white-box
+    and transfer worst cases with 95% intervals), and its figure."""
+    from phalanx.eval.tables import markdown_table
+    from phalanx.league import league_table, league_title
+
+    doc = _load(results, LEAGUE_STEM)
+    if doc is None:
+        return "Not run yet (results/league/cifar10-conv.json is absent)."
+    return (f"{league_title(doc)}.\n\n{markdown_table(*league_table(doc))}\n\n"
+            f"![the mixture's white-box worst case against clean accuracy, one point per defense]({LEAGUE_FIGURE})")
+
+
+def league_figure_png(results: Path) -> bytes | None:
+    from phalanx.league import league_points_figure
+
+    doc = _load(results, LEAGUE_STEM)
+    return None if doc is None else league_points_figure(doc)
+
+
 CURVE_FIGURE = Path("docs/figures/dverge-blackbox-curve.png")
 
 
@@ -141,6 +165,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "dverge-report-tables": dverge_report_table,
     "dverge-blackbox-curve": dverge_curve_table,
     "gal-cifar10-table2": gal_cifar_table,
+    "league-cifar10-conv": league_block,
 }
 
 _BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
@@ -174,11 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if new != text:
         write_bytes_atomic(readme, new.encode("utf-8"))
-    png = dverge_curve_figure(Path(args.results))
-    if png is not None:
-        path = readme.parent / CURVE_FIGURE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, png)
+    for figure, draw in ((CURVE_FIGURE, dverge_curve_figure), (LEAGUE_FIGURE, league_figure_png)):
+        png = draw(Path(args.results))
+        if png is not None:
+            path = readme.parent / figure
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(path, png)
     return 0
 
 
