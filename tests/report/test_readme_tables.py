@@ -27,6 +27,10 @@ def test_every_results_file_records_its_command_and_epoch():
     assert files, "results/ holds the evaluation JSON behind the README tables"
     for path in files:
         doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("kind") == "league":  # one entry per defense, each with its epochs and results
+            assert isinstance(doc.get("epochs"), int) and doc.get("defenses"), path
+            assert all(isinstance(e.get("epochs"), int) and e.get("clean") for e in doc["defenses"].values()), path
+            continue
         assert isinstance(doc.get("epoch"), int), path
         assert doc.get("results"), path
     commands = (ROOT / "results" / "COMMANDS.md").read_text(encoding="utf-8")
