@@ -8,7 +8,6 @@ the work is done by the same functions the CLI calls, so both give the same numb
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -168,21 +167,21 @@ def train(config: str | Path | RunConfig | Mapping[str, Any] | None = None, *,
                        Path(out) if out is not None else None)
 
 
-def _ensemble(model: str | Path | Mixture | Sequence[nn.Module], spec: InputSpec | None) -> Mixture:
+def _ensemble(model: Mixture | nn.Module | Sequence[nn.Module], spec: InputSpec) -> Mixture:
+    """A Mixture as it is, or your modules as members taking pixels in [0, 1] (no normalisation added)."""
     if isinstance(model, Mixture):
         return model.eval()
     if isinstance(model, nn.Module):
         model = [model]
     if not model or not all(isinstance(m, nn.Module) for m in model):
         raise UsageError("model must be a run directory, a Mixture, or a sequence of torch.nn.Module members")
-    raw = spec and dataclasses.replace(spec, mean=(0.0,) * spec.channels, std=(1.0,) * spec.channels)
-    members = [m if raw is None else as_member(m, raw) for m in model]
-    return Mixture(members).eval()
+    return Mixture([as_member(m, spec.raw_pixels()) for m in model]).eval()
 
 
 def _test_data(data: str | TensorData | tuple[torch.Tensor, torch.Tensor], root: str | None
-               ) -> tuple[torch.Tensor, torch.Tensor, InputSpec | None, str]:
-    """Test images (float in [0, 1]) and labels, the input spec when known, and the dataset's name."""
+               ) -> tuple[torch.Tensor, torch.Tensor, InputSpec, str]:
+    """Test images (float in [0, 1]) and labels, their input spec (for a bare pair: its shape, the
+    largest label + 1 classes, no statistics), and the dataset's name."""
     if isinstance(data, str):
         from phalanx.data import dataset_info, load_dataset
 
@@ -191,8 +190,9 @@ def _test_data(data: str | TensorData | tuple[torch.Tensor, torch.Tensor], root:
     if isinstance(data, TensorData):
         return uint8(data.x_test).float().div(255), data.y_test.long(), data.spec(), TENSOR_DATA
     if isinstance(data, tuple) and len(data) == 2:
-        x, y = data
-        return uint8(x).float().div(255), y.long(), None, TENSOR_DATA
+        x, y = uint8(data[0]).float().div(255), data[1].long()
+        spec = InputSpec(x.shape[1], x.shape[2], int(y.max()) + 1, (0.0,) * x.shape[1], (1.0,) * x.shape[1])
+        return x, y, spec, TENSOR_DATA
     raise UsageError("data must be a dataset name, a TensorData, or a (test images, labels) pair of tensors")
 
 
@@ -228,8 +228,7 @@ def evaluate(model: str | Path | Mixture | Sequence[nn.Module], data: str | Tens
 
         mixture = load_run(model)
     else:
-        mixture = _ensemble(model, spec or InputSpec(x.shape[1], x.shape[2], int(y.max()) + 1,
-                                                     (0.0,) * x.shape[1], (1.0,) * x.shape[1]))
+        mixture = _ensemble(model, spec)
     mixture = mixture.to(dev)
     records = evaluate_whitebox(mixture, x.to(dev), y.to(dev), attack_cfgs, examples=examples, seed=seed,
                                 batch_size=batch_size, suites=suite_cfgs)
@@ -251,7 +250,7 @@ def transfer(surrogate: str | Path | Sequence[nn.Module], target: str | Path | S
     paper's transfer set for the dataset (the CIFAR-10 one for tensors). Returns the document
     `phalanx eval --transfer-from` writes (no file is written)."""
     from phalanx.eval.sanity import apply_sanity_checks
-    from phalanx.eval.transfer import GAL_TRANSFER_ATTACKS, craft_on_surrogate, transfer_records
+    from phalanx.eval.transfer import GAL_TRANSFER_ATTACKS, craft_on_surrogate, describe_attack, transfer_records
     from phalanx.runs import load_members, read_run_config
     from phalanx.device import resolve_device
 
@@ -265,17 +264,16 @@ def transfer(surrogate: str | Path | Sequence[nn.Module], target: str | Path | S
     x, y, spec, dataset = _test_data(data, root)
     n = len(y) if examples is None else min(examples, len(y))
     x, y = x[:n].to(dev), y[:n].to(dev)
-    fallback = spec or InputSpec(x.shape[1], x.shape[2], int(y.max()) + 1, (0.0,) * x.shape[1], (1.0,) * x.shape[1])
 
     def members_of(side: str | Path | Sequence[nn.Module]) -> list[nn.Module]:
         if isinstance(side, (str, Path)):
             return [m.to(dev).eval() for m in load_members(side)[0]]
-        return [m.to(dev).eval() for m in _ensemble(side, fallback).members]
+        return [m.to(dev).eval() for m in _ensemble(side, spec).members]
 
     default = GAL_TRANSFER_ATTACKS.get(dataset, GAL_TRANSFER_ATTACKS["cifar10"])
     specs = default if attacks is None else tuple(AttackSpec.from_mapping(dict(a), "attacks[]") for a in attacks)
     crafted = craft_on_surrogate(members_of(surrogate), x, y, specs, seed=seed, batch_size=batch_size)
-    described = [({"attack": s.name.value, "eps": s.eps, "params": s.resolved_params()}, a) for s, a in zip(specs, crafted)]
+    described = [(describe_attack(s), a) for s, a in zip(specs, crafted)]
     records = transfer_records(Mixture(members_of(target)).eval(), x, y, described, source="transfer:surrogate",
                                seed=seed, batch_size=batch_size)
     return {"kind": "transfer", "dataset": dataset, "source": "transfer:surrogate", "device": str(dev),

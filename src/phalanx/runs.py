@@ -6,7 +6,6 @@ Layout: `config.yaml` (fully resolved), `metrics.jsonl`, `checkpoints/` (safeten
 
 from __future__ import annotations
 
-import dataclasses
 
 import fcntl
 import os
@@ -213,7 +212,7 @@ def build_members(cfg: RunConfig, spec: InputSpec, modules: Sequence[torch.nn.Mo
     With `model.normalize_input` false the members see raw [0, 1] pixels (mean 0, std 1).
     `modules` (a user's own, as they are) are wrapped instead of building the config's members."""
     if not cfg.model.normalize_input:
-        spec = dataclasses.replace(spec, mean=(0.0,) * spec.channels, std=(1.0,) * spec.channels)
+        spec = spec.raw_pixels()
     if modules is not None:
         return [as_member(m, spec) for m in modules]
     members: list[Classifier] = []

@@ -108,7 +108,8 @@ def _attack_loss(spec: AttackSpec) -> Loss:
     return loss
 
 
-def _describe(spec: AttackSpec) -> dict[str, Any]:
+def describe_attack(spec: AttackSpec) -> dict[str, Any]:
+    """An attack as transfer sets and their records name it: {attack, eps, params}."""
     return {"attack": spec.name.value, "eps": spec.eps, "params": spec.resolved_params()}
 
 
@@ -141,7 +142,7 @@ def transfer_set_params(surrogate_run_dirs: Sequence[str | Path], attacks: Seque
         _attack_loss(spec)
     return {"format": FORMAT, "dataset": datasets.pop(), "split": "test", "examples": examples, "seed": seed,
             "surrogates": [_surrogate_identity(d) for d in dirs], "surrogate_loss": surrogate_loss,
-            "dtype": "float32", "attacks": [_describe(s) for s in attacks],
+            "dtype": "float32", "attacks": [describe_attack(s) for s in attacks],
             **({"selection": "first"} if first else {})}  # absent for a random draw: older sets keep their hash
 
 
@@ -230,7 +231,7 @@ def craft_transfer_set(surrogate_run_dirs: Sequence[str | Path], attacks: Sequen
     write_json_atomic(sidecar, {  # written last: the commit marker, with the checksum of the tensors
         **params, "hash": digest, "tensors_sha256": hashlib.sha256(blob).hexdigest(), "tensors_bytes": len(blob), "command": command, "surrogate_runs": [str(d) for d in surrogate_run_dirs],
         "surrogate_members": len(members), "indices": idx.tolist(), "n": len(idx),
-        "tensors": {f"adv.{k}": _describe(s) for k, s in enumerate(attacks)},
+        "tensors": {f"adv.{k}": describe_attack(s) for k, s in enumerate(attacks)},
         "batch_size": batch_size, "device": str(dev), "wall_time_s": time.perf_counter() - started})
     return path
 

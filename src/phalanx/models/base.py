@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 from typing import ClassVar
@@ -47,6 +48,10 @@ class InputSpec:
                 f"mean/std need one value per channel ({self.channels}), "
                 f"got {len(self.mean)} and {len(self.std)}"
             )
+
+    def raw_pixels(self) -> InputSpec:
+        """The same shape with mean 0 and std 1: a model built for it sees pixels in [0, 1] as they are."""
+        return dataclasses.replace(self, mean=(0.0,) * self.channels, std=(1.0,) * self.channels)
 
 
 class Classifier(nn.Module):
