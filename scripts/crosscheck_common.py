@@ -6,11 +6,9 @@ import argparse
 
 import torch
 
-import phalanx
 from phalanx.attacks import madry_step
-from phalanx.data import load_dataset
 from phalanx.models import Mixture
-from phalanx.runs import read_run_config
+from phalanx.runs import open_run
 
 
 def crosscheck_args(description: str, examples: int) -> argparse.Namespace:
@@ -28,7 +26,6 @@ def crosscheck_args(description: str, examples: int) -> argparse.Namespace:
 
 def run_and_examples(run_dir: str, examples: int) -> tuple[Mixture, torch.Tensor, torch.Tensor]:
     """The run's mixture and its first `examples` test images in [0, 1] with their labels."""
-    cfg = read_run_config(run_dir)
-    mixture = phalanx.load_run(run_dir)
-    x_u8, y = load_dataset(cfg.data.dataset, "test", cfg.data.root, allow_noncanonical=cfg.data.allow_noncanonical)
-    return mixture, x_u8[:examples].float() / 255, y[:examples]
+    run = open_run(run_dir, "cpu")
+    x, y = run.test_images(examples)
+    return run.mixture(), x, y

@@ -31,14 +31,14 @@ def reference_autoattack() -> Iterator[ModuleType]:
 
 def _trained_ensemble(tmp_dir: Path, overrides: list[str], dataset: str, root: str | None, examples: int):
     from phalanx.config import load_config
-    from phalanx.data import load_dataset
-    from phalanx.runs import load_run
+    from phalanx.runs import open_run
     from phalanx.train.loop import train
 
     cfg = load_config(None, overrides)
-    mixture = load_run(train(cfg, tmp_dir / "run", progress=False))
-    x_u8, y = load_dataset(dataset, "test", root, allow_noncanonical=True)
-    return mixture, x_u8[:examples].float() / 255, y[:examples]
+    run = open_run(train(cfg, tmp_dir / "run", progress=False), "cpu")
+    assert (run.cfg.data.dataset, run.cfg.data.root) == (dataset, root)
+    x, y = run.test_images(examples)
+    return run.mixture(), x, y
 
 
 @pytest.fixture(scope="session")

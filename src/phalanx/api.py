@@ -251,7 +251,7 @@ def transfer(surrogate: str | Path | Sequence[nn.Module], target: str | Path | S
     `phalanx eval --transfer-from` writes (no file is written)."""
     from phalanx.eval.sanity import apply_sanity_checks
     from phalanx.eval.transfer import GAL_TRANSFER_ATTACKS, craft_on_surrogate, describe_attack, transfer_records
-    from phalanx.runs import load_members, read_run_config
+    from phalanx.runs import open_run, read_run_config
     from phalanx.device import resolve_device
 
     if data is None:
@@ -267,7 +267,7 @@ def transfer(surrogate: str | Path | Sequence[nn.Module], target: str | Path | S
 
     def members_of(side: str | Path | Sequence[nn.Module]) -> list[nn.Module]:
         if isinstance(side, (str, Path)):
-            return [m.to(dev).eval() for m in load_members(side)[0]]
+            return list(open_run(side, str(dev)).members)
         return [m.to(dev).eval() for m in _ensemble(side, spec).members]
 
     default = GAL_TRANSFER_ATTACKS.get(dataset, GAL_TRANSFER_ATTACKS["cifar10"])

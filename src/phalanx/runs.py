@@ -12,8 +12,9 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -24,11 +25,15 @@ from phalanx.checkpoint import (
 from phalanx.config import (
     ConfigError, RunConfig, dump_config, fingerprint, from_mapping, identity_differences, read_yaml_mapping,
 )
+from phalanx.device import resolve_device
 from phalanx.files import (
     DamagedFileWarning, is_temp_name, read_jsonl, remove_temp_files, write_json_atomic, write_text_atomic,
 )
 from phalanx.models import Classifier, InputSpec, Mixture, build_model
 from phalanx.models.user import as_member, build_user_model
+
+if TYPE_CHECKING:
+    from phalanx.data import LoadedSplit  # data imports models; runs reads data lazily
 
 
 class RunDirError(ValueError):
@@ -269,6 +274,60 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Mixture
     """The trained Mixture of a run directory, in eval mode, ready for evaluation. Never unpickles."""
     members, _, _ = load_members(run_dir, device)
     return Mixture(members).eval()
+
+
+@dataclass
+class OpenRun:
+    """A trained run opened for evaluation (`open_run`): its members on `device` in eval mode, its
+    config and checkpoint metadata, and its test split, read from disk once when first asked for."""
+
+    run_dir: Path
+    cfg: RunConfig
+    members: list[Classifier]
+    meta: dict[str, Any]
+    device: torch.device
+    _test: LoadedSplit | None = field(default=None, repr=False)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.meta["epoch"])
+
+    def mixture(self) -> Mixture:
+        """The members' average of probabilities, in eval mode."""
+        return Mixture(self.members).eval()
+
+    def test_split(self) -> LoadedSplit:
+        """The run's test split as loaded (`data.LoadedSplit`: uint8 images on the CPU, labels, copy)."""
+        if self._test is None:
+            from phalanx.data import load_split
+
+            data = self.cfg.data
+            self._test = load_split(data.dataset, "test", data.root, download=data.download,
+                                    allow_noncanonical=data.allow_noncanonical)
+        return self._test
+
+    def test_images(self, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `count` test images (all when None) on the run's device, in [0, 1], with labels."""
+        split = self.test_split()
+        x, y = split.images[:count], split.labels[:count]
+        return x.to(self.device).float().div_(255), y.to(self.device)
+
+    def dataset_display(self) -> str:
+        """The dataset's name for tables, saying which copy of it the test split is."""
+        from phalanx.data import display_name
+
+        return display_name(self.cfg.data.dataset, self.cfg.data.root, self.test_split().copy)
+
+
+def open_run(run_dir: str | Path, device: str | None = None) -> OpenRun:
+    """The one way to open a trained run for evaluation: members of its latest checkpoint on `device`
+    (None: the run's own `device` setting), in eval mode. A bad `device` is refused before anything
+    is read."""
+    if device is not None:
+        resolve_device(device)
+    members, cfg, meta = load_members(run_dir, "cpu")
+    dev = resolve_device(device or cfg.device)
+    return OpenRun(Path(run_dir), cfg, [m.to(dev).eval() for m in members], meta, dev)
 
 
 def write_eval_json(run_dir: str | Path, name: str, doc: Any) -> Path:

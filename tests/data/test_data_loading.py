@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from phalanx.data import DataError, DatasetName, NoncanonicalDataWarning, dataset_info, load_dataset
+from phalanx.data import (
+    DataError, DatasetName, NoncanonicalDataWarning, dataset_info, display_name, load_dataset, load_split,
+)
 from phalanx.data import formats
 
 pytestmark = pytest.mark.usefixtures("small_sizes")
@@ -112,8 +114,11 @@ def test_md5_mismatch_is_refused_unless_allowed(datafiles, tmp_path: Path) -> No
     with pytest.raises(DataError, match=message):
         load_dataset("mnist", "train", tmp_path)
     with pytest.warns(NoncanonicalDataWarning, match="not the canonical files"):
-        x, _ = load_dataset("mnist", "train", tmp_path, allow_noncanonical=True)
-    assert np.array_equal(x[:, 0].numpy(), images)
+        loaded = load_split("mnist", "train", tmp_path, allow_noncanonical=True)
+    assert np.array_equal(loaded.images[:, 0].numpy(), images)
+    # the loader says which copy it read (tables print it), not only the warning text
+    assert loaded.copy == "non-canonical copy"
+    assert display_name("mnist", copy=loaded.copy) == "MNIST (non-canonical copy)"
 
 
 def _corrupt(which: str, image_file: Path, label_file: Path) -> Path:
@@ -171,8 +176,10 @@ def test_cifar_archive_and_folder_give_the_same_arrays(datafiles, tmp_path: Path
         unverifiable = not python and root in (tmp_path / "tree", folder)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            x, y = load_dataset("cifar10", split, root)
+            loaded = load_split("cifar10", split, root)
+        x, y = loaded.images, loaded.labels
         assert [w.category for w in caught] == ([NoncanonicalDataWarning] if unverifiable else []), root
+        assert loaded.copy == ("non-canonical copy" if unverifiable else None), root
         assert x.dtype == torch.uint8 and x.shape == (len(expected[split][1]), 3, 32, 32), root
         assert np.array_equal(x.numpy(), expected[split][0]) and np.array_equal(y.numpy(), expected[split][1])
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from phalanx.data import DataError, NoncanonicalDataWarning, load_dataset
+from phalanx.data import DataError, NoncanonicalDataWarning, display_name, load_dataset, load_split
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -24,5 +24,9 @@ def test_shared_mnist_is_canonical_and_cifar10_is_the_jpeg_decoded_copy() -> Non
     with pytest.raises(DataError, match="JPEG-decoded copy"):
         load_dataset("cifar10", "test", SHARED)
     with pytest.warns(NoncanonicalDataWarning, match="JPEG-decoded copy"):
-        x, y = load_dataset("cifar10", "test", SHARED, allow_noncanonical=True)
+        loaded = load_split("cifar10", "test", SHARED, allow_noncanonical=True)
+    x, y = loaded.images, loaded.labels
+    assert loaded.copy == "JPEG-decoded copy"
+    assert display_name("cifar10", SHARED, loaded.copy) == "CIFAR-10 (JPEG-decoded copy)"
+    assert load_split("mnist", "test", SHARED).copy is None
     assert tuple(x.shape) == (10000, 3, 32, 32) and y.bincount().tolist() == [1000] * 10

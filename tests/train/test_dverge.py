@@ -166,6 +166,25 @@ def test_plus_adv_adds_the_adversarial_term():
     assert float(out.extras["diversity_loss"]) == pytest.approx(float(div.extras["diversity_loss"]), rel=1e-5)
 
 
+def test_stacked_adversarial_examples_carry_the_attack_post_condition(monkeypatch):
+    """The stacked PGD of DVERGE+AdvT is checked like every registered attack: an iterate that
+    leaves the eps-ball (a broken projection) stops training with an AssertionError."""
+    import phalanx.attacks.core as core
+
+    real = core.iterate
+
+    def leaky(model, x, y, x_start, *, eps, **kw):
+        return (real(model, x, y, x_start, eps=eps, **kw) + 2 * eps).clamp(0, 1)
+
+    members = _members("conv", n=2)
+    cfg = DvergeConfig(fixed_layer="fc2", plus_adv=True, adv_steps=2, stack_members="always",
+                       distill=DistillConfig(steps=1))
+    Dverge(cfg).loss(members, _batch(), torch.Generator().manual_seed(0))  # the real iterate passes
+    monkeypatch.setattr(core, "iterate", leaky)
+    with pytest.raises(AssertionError, match="stacked PGD.*left its threat model"):
+        Dverge(cfg).loss(members, _batch(), torch.Generator().manual_seed(0))
+
+
 def test_clean_weight_adds_report_eq4_clean_term():
     """loss_i = coeff * sum_j CE(f_i(x'_j), y_s) + clean_weight * CE(f_i(x), y)  (report eq. 4)."""
     members = _members("conv")

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from phalanx.data.batching import Augment, DeviceBatches, train_val_split
 from phalanx.data.errors import DataCacheWarning, DataError, NoncanonicalDataWarning
-from phalanx.data.loading import default_root, load_dataset
-from phalanx.data.registry import DatasetInfo, DatasetName, dataset_info
+from phalanx.data.loading import LoadedSplit, default_root, load_dataset, load_split
+from phalanx.data.registry import DatasetInfo, DatasetName, dataset_info, display_name
 
 __all__ = [
-    "Augment", "DataCacheWarning", "DataError", "DatasetInfo", "DatasetName", "DeviceBatches",
-    "NoncanonicalDataWarning", "dataset_info", "default_root", "load_dataset", "train_val_split",
+    "Augment", "DataCacheWarning", "DataError", "DatasetInfo", "DatasetName", "DeviceBatches", "LoadedSplit",
+    "NoncanonicalDataWarning", "dataset_info", "default_root", "display_name", "load_dataset", "load_split",
+    "train_val_split",
 ]

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 from phalanx.data.errors import DataError, NoncanonicalDataWarning
-from phalanx.data.registry import KNOWN_COPIES
+from phalanx.data.registry import KNOWN_COPIES, UNKNOWN_COPY
 
 _CHUNK = 1 << 20
 _DIGESTS: dict[tuple[str, str, int, int], str] = {}
@@ -36,21 +36,25 @@ def _digest_file(path: Path, algorithm: str) -> str:
     return cached
 
 
-def check_canonical(files: list[tuple[Path, str | None]], dataset: str, allow_noncanonical: bool) -> None:
-    """Refuse (DataError) or, when allowed, warn once about files whose md5 is not the canonical one.
+def check_canonical(files: list[tuple[Path, str | None]], dataset: str, allow_noncanonical: bool) -> str | None:
+    """Refuse (DataError) or, when allowed, warn once about files whose md5 is not the canonical one;
+    return which copy the files are: None for the canonical files, else the label that tables print
+    beside the dataset's name (a known copy's, or UNKNOWN_COPY).
 
     `files` pairs each path with its canonical md5, or None where no canonical value is published
     (the extracted CIFAR-10 binary files): those load with a warning that they could not be verified.
     """
-    problems, unverified = [], []
+    problems, unverified, labels = [], [], set()
     for path, expected in files:
         if expected is None:
             unverified.append(str(path))
             continue
         found = md5_file(path)
         if found != expected:
-            what = KNOWN_COPIES.get(found, "not the canonical file")
-            problems.append(f"{path} has md5 {found}, canonical {expected}: {what}")
+            known = KNOWN_COPIES.get(found)
+            labels.add(known.label if known else UNKNOWN_COPY)
+            problems.append(f"{path} has md5 {found}, canonical {expected}: "
+                            f"{known.description if known else 'not the canonical file'}")
     if problems:
         listing = "; ".join(problems)
         if not allow_noncanonical:
@@ -60,6 +64,10 @@ def check_canonical(files: list[tuple[Path, str | None]], dataset: str, allow_no
         warnings.warn(f"{dataset}: loading data that are not the canonical files: {listing}",
                       NoncanonicalDataWarning, stacklevel=4)
     if unverified:
+        labels.add(UNKNOWN_COPY)
         warnings.warn(f"{dataset}: no canonical checksum is published for {', '.join(unverified)}; structure "
                       "checked but contents not verified (point root at the official archive to verify)",
                       NoncanonicalDataWarning, stacklevel=4)
+    if not labels:
+        return None
+    return labels.pop() if len(labels) == 1 else UNKNOWN_COPY

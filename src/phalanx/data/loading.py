@@ -19,6 +19,7 @@ needs one: the folder that holds `train/<class>/` (see `phalanx.data.imagefolder
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,29 @@ def default_root() -> Path:
     return Path(os.environ.get("PHALANX_DATA") or "~/.cache/phalanx/data").expanduser()
 
 
+@dataclass(frozen=True)
+class LoadedSplit:
+    """A split as loaded: uint8 N x C x H x W images, int64 labels, and which copy of the dataset
+    they came from (`copy`: None for the canonical files or a dataset without a canonical copy,
+    else the label tables print beside the name, e.g. "JPEG-decoded copy")."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    copy: str | None = None
+
+
 def load_dataset(name: str | DatasetName, split: str, root: str | Path | None = None, *,
                  download: bool = False, allow_noncanonical: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (uint8, N x C x H x W) and labels (int64, N) of `split` ("train" or "test") of `name`.
+    """Images (uint8, N x C x H x W) and labels (int64, N) of `split` ("train" or "test") of `name`
+    (`load_split` without the provenance)."""
+    loaded = load_split(name, split, root, download=download, allow_noncanonical=allow_noncanonical)
+    return loaded.images, loaded.labels
+
+
+def load_split(name: str | DatasetName, split: str, root: str | Path | None = None, *,
+               download: bool = False, allow_noncanonical: bool = False) -> LoadedSplit:
+    """`split` ("train" or "test") of `name`, with the copy it came from.
 
     Files are checked against the canonical md5 (refused unless `allow_noncanonical`, which loads
     them with a NoncanonicalDataWarning) and always structurally (sizes, counts, label range).
@@ -50,14 +70,14 @@ def load_dataset(name: str | DatasetName, split: str, root: str | Path | None = 
     name, split = coerce_name(name), coerce_split(split)
     if name is DatasetName.DIGITS:
         images, labels = load_digits(split)
-        return torch.from_numpy(images), torch.from_numpy(labels)
+        return LoadedSplit(torch.from_numpy(images), torch.from_numpy(labels))
     if name is DatasetName.IMAGE_FOLDER:
         if download:
             raise DataError("image-folder cannot be downloaded (it is a folder of your own images); leave "
                             "download (data.download) false and point root (data.root) at the folder that "
                             "holds train/<class>/")
         images, labels = load_folder(root, split)
-        return torch.from_numpy(images), torch.from_numpy(labels)
+        return LoadedSplit(torch.from_numpy(images), torch.from_numpy(labels))
     base = Path(root).expanduser() if root is not None else default_root()
     source = _find(name, split, base)
     if source is None and download:
@@ -65,8 +85,8 @@ def load_dataset(name: str | DatasetName, split: str, root: str | Path | None = 
         source = _find(name, split, base)
     if source is None:
         raise DataError(_not_found_message(name, split, base, download))
-    images, labels = _load(name, split, source, allow_noncanonical)
-    return torch.from_numpy(images), torch.from_numpy(labels)
+    images, labels, copy = _load(name, split, source, allow_noncanonical)
+    return LoadedSplit(torch.from_numpy(images), torch.from_numpy(labels), copy)
 
 
 def _candidate_dirs(base: Path, name: DatasetName) -> list[Path]:
@@ -105,43 +125,43 @@ def _find(name: DatasetName, split: str, base: Path) -> tuple[str, Path] | None:
 
 
 def _load(name: DatasetName, split: str, source: tuple[str, Path],
-          allow_noncanonical: bool) -> tuple[np.ndarray, np.ndarray]:
+          allow_noncanonical: bool) -> tuple[np.ndarray, np.ndarray, str | None]:
     layout, path = source
     count = registry.SPLIT_SIZES[(name, split)]
     md5 = registry.MD5[name]
     if layout == "idx":
         image_file, label_file = (path / f for f in registry.IDX_FILES[split])
-        check_canonical([(image_file, md5[image_file.name]), (label_file, md5[label_file.name])],
-                        name.value, allow_noncanonical)
+        copy = check_canonical([(image_file, md5[image_file.name]), (label_file, md5[label_file.name])],
+                               name.value, allow_noncanonical)
         size = registry.dataset_info(name).spec.size
         images = formats.parse_idx_images(formats.gunzip(image_file.read_bytes(), str(image_file)),
                                           str(image_file), count, size)
         labels = formats.parse_idx_labels(formats.gunzip(label_file.read_bytes(), str(label_file)),
                                           str(label_file), count)
-        return images.copy(), labels
+        return images.copy(), labels, copy
     if layout == "mat":
-        check_canonical([(path, md5[path.name])], name.value, allow_noncanonical)
-        return formats.parse_svhn(path.read_bytes(), str(path), count)
+        copy = check_canonical([(path, md5[path.name])], name.value, allow_noncanonical)
+        return (*formats.parse_svhn(path.read_bytes(), str(path), count), copy)
     cifar = CIFAR_LAYOUTS[name]
     if layout in ("bin-dir", "py-dir"):
         suffix = ".bin" if layout == "bin-dir" else ""
         files = [path / f for f in _cifar_files(cifar, split, suffix)]
-        check_canonical([(f, md5.get(f.name) if layout == "py-dir" else None) for f in files],
-                        name.value, allow_noncanonical)
+        copy = check_canonical([(f, md5.get(f.name) if layout == "py-dir" else None) for f in files],
+                               name.value, allow_noncanonical)
         blobs = {str(f): f.read_bytes() for f in files}
-        return _parse_cifar(name, blobs, layout == "py-dir", count)
+        return (*_parse_cifar(name, blobs, layout == "py-dir", count), copy)
     folder = formats.tar_top_folder(path)
     if folder not in (cifar.bin_dir, cifar.py_dir):
         raise DataError(f"{path}: archive's top folder is {folder!r}; expected {cifar.bin_dir!r} "
                         f"(binary version) or {cifar.py_dir!r} (python version) of "
                         f"{registry.dataset_info(name).display_name}")
     python = folder == cifar.py_dir
-    check_canonical([(path, md5[cifar.py_archive if python else cifar.bin_archive])], name.value,
-                    allow_noncanonical)
+    copy = check_canonical([(path, md5[cifar.py_archive if python else cifar.bin_archive])], name.value,
+                           allow_noncanonical)
     members = [f"{folder}/{f}" for f in _cifar_files(cifar, split, "" if python else ".bin")]
     found = formats.read_tar_members(path, members)
     blobs = {f"{path}:{m}": found[m] for m in members}
-    return _parse_cifar(name, blobs, python, count)
+    return (*_parse_cifar(name, blobs, python, count), copy)
 
 
 def _parse_cifar(name: DatasetName, blobs: dict[str, bytes], python: bool, count: int

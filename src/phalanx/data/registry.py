@@ -132,12 +132,26 @@ MD5: dict[DatasetName, dict[str, str]] = {
     },
 }
 
-# Known non-canonical copies, recognized so that the warning can say what they are.
-KNOWN_COPIES: dict[str, str] = {
-    "2d843e72075d3d03187f04460ebfe762": "the JPEG-decoded copy of CIFAR-10 (quality-75 JPEGs decoded back to "
-                                        "pixels; canonical order and labels); report it as "
-                                        "'CIFAR-10 (JPEG-decoded copy)'",
+@dataclass(frozen=True)
+class KnownCopy:
+    """A recognized non-canonical copy of a dataset: what it is (for the loader's warning) and the
+    label tables must print beside the dataset's name (never the plain name for a copy)."""
+
+    label: str
+    description: str
+
+
+# Known non-canonical copies, recognized so that the warning and the tables can say what they are.
+KNOWN_COPIES: dict[str, KnownCopy] = {
+    "2d843e72075d3d03187f04460ebfe762": KnownCopy(
+        "JPEG-decoded copy",
+        "the JPEG-decoded copy of CIFAR-10 (quality-75 JPEGs decoded back to pixels; canonical order and "
+        "labels); report it as 'CIFAR-10 (JPEG-decoded copy)'"),
 }
+
+# The label of any other copy: files whose md5 is unknown, or that have no published md5.
+UNKNOWN_COPY = "non-canonical copy"
+
 
 # Where `download=True` fetches each file from, tried in order.
 MIRRORS: dict[DatasetName, tuple[str, ...]] = {
@@ -207,3 +221,9 @@ def dataset_info(name: str | DatasetName, root: str | Path | None = None) -> Dat
 
         return folder_info(root)
     return _INFOS[name]
+
+
+def display_name(name: str | DatasetName, root: str | Path | None = None, copy: str | None = None) -> str:
+    """The dataset's name for tables; a copy (`LoadedSplit.copy`) is never called by the plain name."""
+    plain = dataset_info(name, root).display_name
+    return plain if copy is None else f"{plain} ({copy})"

@@ -8,25 +8,27 @@ first ones with `val_from: head`), or, without a hold-out, the test split.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from phalanx.config import DataConfig
 from phalanx.data.batching import train_val_split
-from phalanx.data.loading import load_dataset
+from phalanx.data.loading import load_split
 
 
 @dataclass
 class SplitData:
     """uint8 training and validation images with their labels; `val_source` says where the
-    validation set comes from ("train-holdout" or "test")."""
+    validation set comes from ("train-holdout" or "test"); `copy` which copy of the dataset the
+    images are (`LoadedSplit.copy`: None for the canonical files)."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
     val_source: str
+    copy: str | None = None
 
 
 def split_training_data(x: torch.Tensor, y: torch.Tensor, data: DataConfig, seed: int,
@@ -45,8 +47,11 @@ def split_training_data(x: torch.Tensor, y: torch.Tensor, data: DataConfig, seed
 def load_training_data(data: DataConfig, seed: int) -> SplitData:
     """The split of `data.dataset` read from disk (checked as every load is)."""
     def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return load_dataset(data.dataset, split, data.root, download=data.download,
+        loaded = load_split(data.dataset, split, data.root, download=data.download,
                             allow_noncanonical=data.allow_noncanonical)
+        return loaded.images, loaded.labels
 
-    x, y = load("train")
-    return split_training_data(x, y, data, seed, lambda: load("test"))
+    train = load_split(data.dataset, "train", data.root, download=data.download,
+                       allow_noncanonical=data.allow_noncanonical)
+    split = split_training_data(train.images, train.labels, data, seed, lambda: load("test"))
+    return replace(split, copy=train.copy)

@@ -15,13 +15,12 @@ from typing import Any
 
 import torch
 
-from phalanx.data import DatasetName, load_dataset
+from phalanx.data import DatasetName
 from phalanx.errors import UsageError
 from phalanx.eval.gradients import gaas, gradient_alignment, hadamard
 from phalanx.files import write_json_atomic
 from phalanx.models import Mixture
-from phalanx.runs import load_members
-from phalanx.device import resolve_device
+from phalanx.runs import open_run
 
 # The GAL paper's Figure 5 uses k = 4, 25, 36, 64 with regular Hadamard matrices; none of order 25
 # exists (Hadamard orders are 1, 2 or multiples of 4), so 16 stands in for it (docs/fidelity.md)
@@ -75,17 +74,14 @@ def analyze_run(run_dir: str | Path, *, examples: int | None = 1000, gaas_ks: Se
     started = time.perf_counter()
     run_dir = Path(run_dir)
     _check_arguments(examples, gaas_ks, gaas_eps)
-    members, cfg, meta = load_members(run_dir, "cpu")
-    dev = resolve_device(device or cfg.device)
-    members = [m.to(dev) for m in members]
+    run = open_run(run_dir, device)
+    cfg, dev, members = run.cfg, run.device, run.members
     eps_values = tuple(GAAS_EPS[DatasetName(cfg.data.dataset)] if gaas_eps is None else gaas_eps)
-    x_u8, y = load_dataset(cfg.data.dataset, "test", cfg.data.root, download=cfg.data.download,
-                           allow_noncanonical=cfg.data.allow_noncanonical)
-    n = len(y) if examples is None else min(examples, len(y))
-    x, y = x_u8[:n].to(dev).float().div_(255), y[:n].to(dev)
+    x, y = run.test_images(examples)
+    n = len(y)
 
     doc: dict[str, Any] = {
-        "kind": "gradient-alignment", "run": cfg.name, "run_dir": str(run_dir), "epoch": meta["epoch"],
+        "kind": "gradient-alignment", "run": cfg.name, "run_dir": str(run_dir), "epoch": run.epoch,
         "dataset": cfg.data.dataset, "method": cfg.train.method, "device": str(dev), "n": n,
         "members": len(members), "pairs": [], "coherence": None, "gal": None, "mean_cosine_per_pair": None,
         "coherence_summary": None, "gaas": None, "notes": [],
@@ -98,7 +94,7 @@ def analyze_run(run_dir: str | Path, *, examples: int | None = 1000, gaas_ks: Se
     else:
         doc["notes"].append("a single member has no pair: coherence, GAL and pair cosines skipped")
     if gaas_ks:
-        doc["gaas"] = _gaas_grid(Mixture(members).eval(), x, y, gaas_ks, eps_values,
+        doc["gaas"] = _gaas_grid(run.mixture(), x, y, gaas_ks, eps_values,
                                  progress=f"{cfg.name} GAAS" if progress else None)
     else:
         doc["notes"].append("GAAS skipped (no k asked for)")

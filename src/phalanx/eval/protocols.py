@@ -33,8 +33,8 @@ from phalanx.eval.measure import accuracy
 from phalanx.eval.sanity import apply_sanity_checks, check_whitebox_below_transfer
 from phalanx.eval.stats import add_ci95
 from phalanx.eval.whitebox import attack_record, evaluate_whitebox, named_models
-from phalanx.models import Mixture
-from phalanx.runs import load_members, write_eval_json
+from phalanx.data.splits import SplitData
+from phalanx.runs import open_run, write_eval_json
 
 
 class Protocol(str, Enum):
@@ -81,20 +81,18 @@ def last_batch_size(n: int, batch_size: int = REPORT_BATCH) -> int:
     return n - ((n - 1) // batch_size) * batch_size
 
 
-def heldout_split(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The uint8 images and labels a run held out of its training split (data.val_size), and the
-    loader's warnings (re-emitted; they name a non-canonical copy of the dataset)."""
-    from phalanx.eval.run_eval import loading
-    from phalanx.runs import read_run_config
+def heldout_split(run_dir: str | Path) -> SplitData:
+    """The split of a run's training data, whose hold-out (data.val_size, uint8 `val_x`, `val_y`)
+    the report's script measures on; `copy` names a non-canonical copy of the dataset."""
     from phalanx.data.splits import load_training_data
+    from phalanx.runs import read_run_config
 
     cfg = read_run_config(run_dir)
     if cfg.data.val_size == 0:
         raise UsageError(f"the dverge-report protocol measures on a held-out part of the training split, and "
                          f"{run_dir} trained on all of it (data.val_size = 0); train with data.val_size=1024 "
                          "data.val_from=head (the report's split) or evaluate with --protocol standard")
-    split, messages = loading(lambda: load_training_data(cfg.data, cfg.seed))
-    return split.val_x, split.val_y, messages
+    return load_training_data(cfg.data, cfg.seed)
 
 
 def evaluate_report_protocol(run_dir: str | Path, *, device: str | None = None, progress: bool = False,
@@ -104,16 +102,13 @@ def evaluate_report_protocol(run_dir: str | Path, *, device: str | None = None, 
     Attack accuracies count every held-out example (the script's attack loops accumulate over all
     batches); the attacks are deterministic, so `batch_size` changes only the speed.
     """
-    from phalanx.eval.run_eval import display_name
-    from phalanx.device import resolve_device
+    from phalanx.data import display_name
 
     started = time.perf_counter()
-    run_dir = Path(run_dir)
-    x_u8, y, messages = heldout_split(run_dir)
-    members, cfg, meta = load_members(run_dir, "cpu")
-    dev = resolve_device(device or cfg.device)
-    mixture = Mixture([m.to(dev) for m in members]).eval()
-    x, y = x_u8.to(dev).float().div_(255), y.to(dev)
+    split = heldout_split(run_dir)
+    run = open_run(run_dir, device)
+    cfg, dev, mixture = run.cfg, run.device, run.mixture()
+    x, y = split.val_x.to(dev).float().div_(255), split.val_y.to(dev)
     records: list[dict[str, Any]] = []
     for name, model in named_models(mixture):
         t0 = time.perf_counter()
@@ -134,12 +129,13 @@ def evaluate_report_protocol(run_dir: str | Path, *, device: str | None = None, 
     add_ci95(records)
     sanity = apply_sanity_checks(records)
     doc = {"kind": "protocol", "protocol": Protocol.DVERGE_REPORT.value, "label": LABELS[Protocol.DVERGE_REPORT],
-           "run": str(run_dir), "dataset": cfg.data.dataset, "dataset_display": display_name(cfg, messages),
-           "method": cfg.train.method, "arch": cfg.model.label, "epoch": meta["epoch"],
+           "run": str(run.run_dir), "dataset": cfg.data.dataset,
+           "dataset_display": display_name(cfg.data.dataset, cfg.data.root, split.copy),
+           "method": cfg.train.method, "arch": cfg.model.label, "epoch": run.epoch,
            "split": f"held-out training images ({len(y)}, data.val_from={cfg.data.val_from})",
            "device": str(dev), "command": _command(), "wall_time_s": time.perf_counter() - started,
            "results": records, "sanity": sanity}
-    write_eval_json(run_dir, "dverge-report.json", doc)
+    write_eval_json(run.run_dir, "dverge-report.json", doc)
     return doc
 
 
@@ -181,11 +177,9 @@ def evaluate_authors_protocol(run_dir: str | Path, surrogate_run_dir: str | Path
     The surrogate is the mixture of `surrogate_run_dir`'s members (a separately trained baseline
     ensemble of the same architecture); its transfer set is crafted once and reused (transfer.py).
     """
-    from phalanx.data import load_dataset
-    from phalanx.eval.run_eval import display_name, loading, resolve_examples
+    from phalanx.eval.run_eval import resolve_examples
     from phalanx.eval.transfer import craft_transfer_set, evaluate_transfer
     from phalanx.runs import read_run_config
-    from phalanx.device import resolve_device
 
     started = time.perf_counter()
     run_dir, surrogate_run_dir = Path(run_dir), Path(surrogate_run_dir)
@@ -203,20 +197,17 @@ def evaluate_authors_protocol(run_dir: str | Path, surrogate_run_dir: str | Path
                               batch_size=cfg.eval.batch_size, device=device, command=_command(),
                               surrogate_loss="mixture")
     transfer = evaluate_transfer(run_dir, path, device=device, batch_size=cfg.eval.batch_size, out_name=None)
-    members, cfg, meta = load_members(run_dir, "cpu")
-    dev = resolve_device(device or cfg.device)
-    mixture = Mixture([m.to(dev) for m in members]).eval()
-    (x_u8, y), messages = loading(lambda: load_dataset(cfg.data.dataset, "test", cfg.data.root,
-                                                        download=cfg.data.download,
-                                                        allow_noncanonical=cfg.data.allow_noncanonical))
-    whitebox = evaluate_whitebox(mixture, x_u8.to(dev).float().div_(255), y.to(dev), authors_whitebox_attacks(eps_grid),
+    run = open_run(run_dir, device)
+    cfg, dev = run.cfg, run.device
+    x, y = run.test_images()
+    whitebox = evaluate_whitebox(run.mixture(), x, y, authors_whitebox_attacks(eps_grid),
                                  examples=n, seed=cfg.seed, batch_size=cfg.eval.batch_size, progress=progress,
                                  models="mixture")
     for record in whitebox + transfer["results"]:
         record["protocol"] = Protocol.DVERGE_AUTHORS.value
     doc = {"kind": "protocol", "protocol": Protocol.DVERGE_AUTHORS.value, "label": LABELS[Protocol.DVERGE_AUTHORS],
-           "run": str(run_dir), "dataset": cfg.data.dataset, "dataset_display": display_name(cfg, messages),
-           "method": cfg.train.method, "arch": cfg.model.label, "epoch": meta["epoch"],
+           "run": str(run_dir), "dataset": cfg.data.dataset, "dataset_display": run.dataset_display(),
+           "method": cfg.train.method, "arch": cfg.model.label, "epoch": run.epoch,
            "surrogate_run": str(surrogate_run_dir), "surrogate_arch": surrogate_arch, "eps": list(eps_grid),
            "transfer_set": str(path), "device": str(dev), "command": _command(),
            "wall_time_s": time.perf_counter() - started, "results": whitebox + transfer["results"],

@@ -32,7 +32,6 @@ from torch import nn
 
 from phalanx.attacks import AttackName, AttackSpec, run_attack
 from phalanx.attacks.core import Loss, per_example_loss
-from phalanx.data import load_dataset
 from phalanx.errors import UsageError
 from phalanx.eval.sanity import apply_sanity_checks, check_whitebox_below_transfer
 from phalanx.eval.stats import add_ci95
@@ -41,8 +40,7 @@ from phalanx.files import (
     DamagedFileError, DamagedFileWarning, loads_checked, read_json, write_bytes_atomic, write_json_atomic,
 )
 from phalanx.models import Mixture
-from phalanx.runs import load_members, write_eval_json
-from phalanx.device import resolve_device
+from phalanx.runs import open_run, write_eval_json
 
 FORMAT = "phalanx-transfer-set/1"
 
@@ -208,19 +206,15 @@ def craft_transfer_set(surrogate_run_dirs: Sequence[str | Path], attacks: Sequen
         except TransferSetDamaged as exc:
             warnings.warn(f"{exc}; recrafting it", UserWarning, stacklevel=2)
     started = time.perf_counter()
-    members: list[nn.Module] = []
-    cfg = None
-    for d in surrogate_run_dirs:
-        ms, cfg, _ = load_members(d, "cpu")
-        members += ms
-    assert cfg is not None
-    dev = resolve_device(device or cfg.device)
-    members = [m.to(dev).eval() for m in members]
-    x_u8, y_all = load_dataset(cfg.data.dataset, "test", cfg.data.root, download=cfg.data.download,
-                               allow_noncanonical=cfg.data.allow_noncanonical)
-    idx = _select(len(y_all), examples, seed, first)
-    x = x_u8[idx].to(dev).float().div_(255)
-    y = y_all[idx].to(dev)
+    first_run = open_run(surrogate_run_dirs[0], device)
+    dev = first_run.device
+    members: list[nn.Module] = list(first_run.members)
+    for d in surrogate_run_dirs[1:]:
+        members += open_run(d, str(dev)).members
+    test = first_run.test_split()
+    idx = _select(len(test.labels), examples, seed, first)
+    x = test.images[idx].to(dev).float().div_(255)
+    y = test.labels[idx].to(dev)
     tensors: dict[str, torch.Tensor] = {"x": x.cpu().contiguous(), "y": y.cpu().contiguous(),
                                         "indices": idx.contiguous()}
     for k, out in enumerate(craft_on_surrogate(members, x, y, attacks, seed=seed, batch_size=batch_size,
@@ -305,25 +299,23 @@ def evaluate_transfer(target_run_dir: str | Path, transfer_set_path: str | Path,
     if cfg.data.dataset != meta["dataset"]:
         raise UsageError(f"transfer set {transfer_set_path} is on {meta['dataset']!r}, target run {run_dir} "
                          f"on {cfg.data.dataset!r}")
-    members, cfg, ckpt_meta = load_members(run_dir, "cpu")
-    dev = resolve_device(device or cfg.device)
-    mixture = Mixture([m.to(dev) for m in members]).eval()
-    x_u8, _ = load_dataset(cfg.data.dataset, "test", cfg.data.root, download=cfg.data.download,
-                           allow_noncanonical=cfg.data.allow_noncanonical)
+    run = open_run(run_dir, device)
+    cfg, dev = run.cfg, run.device
     x, y = tensors["x"].to(dev), tensors["y"].to(dev)
-    if not torch.equal(x_u8[tensors["indices"]].float().div(255), tensors["x"]):
+    if not torch.equal(run.test_split().images[tensors["indices"]].float().div(255), tensors["x"]):
         raise UsageError(f"transfer set {transfer_set_path} holds other images than the target's "
                          f"{cfg.data.dataset} test split at its indices")
     source = f"transfer:{surrogate_names(meta)}"
     adversarial = [(desc, tensors[key].to(dev)) for key, desc in meta["tensors"].items()]
-    records = transfer_records(mixture, x, y, adversarial, source=source, seed=meta["seed"], batch_size=batch_size)
+    records = transfer_records(run.mixture(), x, y, adversarial, source=source, seed=meta["seed"],
+                               batch_size=batch_size)
     extra = []
     whitebox_path = run_dir / "eval" / "whitebox.json"
     if whitebox_path.is_file():
         extra = check_whitebox_below_transfer(_whitebox_results(whitebox_path), records)
     sanity = apply_sanity_checks(records, extra=extra, white_box=False)
     doc = {"kind": "transfer", "run": str(run_dir), "dataset": cfg.data.dataset, "method": cfg.train.method,
-           "arch": cfg.model.label, "epoch": ckpt_meta["epoch"], "device": str(dev), "source": source,
+           "arch": cfg.model.label, "epoch": run.epoch, "device": str(dev), "source": source,
            "transfer_set": str(transfer_set_path), "transfer_set_hash": meta["hash"],
            "surrogate_runs": meta["surrogate_runs"], "command": meta["command"],
            "wall_time_s": time.perf_counter() - started, "results": records, "sanity": sanity}

@@ -262,14 +262,17 @@ class Dverge(TrainingMethod):
     def _adversarial_stacked(self, stack: StackedMembers, x_s: torch.Tensor, y_s: torch.Tensor,
                              rng: torch.Generator) -> list[torch.Tensor]:
         """`_adversarial` for every member by one stacked PGD: the same random starts, in member order."""
-        from phalanx.attacks.core import Norm, attack_mode, iterate, sample_in_ball
+        from phalanx.attacks.core import Norm, attack_mode, check_threat_model, iterate, sample_in_ball
 
         n = len(stack)
         starts = [sample_in_ball(x_s, eps=self.cfg.adv_eps, norm=Norm.LINF, generator=rng) for _ in range(n)]
         model = StackedLogits(stack)
+        clean = stack.stack([x_s] * n)
         with attack_mode(model), stack.parameters_fixed():
-            adv = iterate(model, stack.stack([x_s] * n), y_s.repeat(n), stack.stack(starts),
+            adv = iterate(model, clean, y_s.repeat(n), stack.stack(starts),
                           eps=self.cfg.adv_eps, alpha=self.cfg.adv_step, steps=self.cfg.adv_steps, norm=Norm.LINF)
+        # the post-condition every registered attack carries (attacks.core.attack)
+        check_threat_model(adv, clean, budget=self.cfg.adv_eps, norm=Norm.LINF, attack_name="stacked PGD (dverge+advt)")
         return stack.unstack(adv)
 
 
