@@ -7,7 +7,7 @@ The reference code is imported from `--oracle` (a checkout of fra31/auto-attack;
 phalanx). For each model (the mixture, or every member too with `--models all`) it prints clean
 accuracy, robust accuracy under our suite and under the reference (same examples), our ensemble
 suite's worst case (mixture only) and the per-example worst case over both of our suites, with the
-wall time of each. The last line is JSON. `tests/eval/test_suite_reference.py` asserts agreement
+wall time of each. The last line is JSON. `tests/eval/test_suites_reference.py` asserts agreement
 within 1 point on small trained ensembles.
 """
 

@@ -218,7 +218,7 @@ def test_a_pickle_dropped_into_a_run_is_never_read(trained_run, tmp_path):
 
 
 # The other loaders' malicious files are tested where the loaders live: a CIFAR-10 python batch
-# whose pickle calls os.system or eval (tests/data/test_data_loading.py::
+# whose pickle calls os.system or eval (tests/data/test_loading.py::
 # test_malicious_pickle_is_refused_without_running_it), and tar archives with a path-traversal
 # member or a symlink member (::test_tar_path_traversal_and_links_are_refused), both through
 # load_dataset and both checking that no marker file is created.
