@@ -55,6 +55,16 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def eval_dir(run_dir: str | Path) -> Path:
+    """Where `phalanx eval` keeps its JSON documents (whitebox.json, transfer*.json, protocols)."""
+    return Path(run_dir) / "eval"
+
+
+def analysis_path(run_dir: str | Path) -> Path:
+    """The gradient analysis `phalanx analyze` writes."""
+    return Path(run_dir) / "analysis" / "gradients.json"
+
+
 def metrics_path(run_dir: Path) -> Path:
     return run_dir / "metrics.jsonl"
 
@@ -332,7 +342,7 @@ def open_run(run_dir: str | Path, device: str | None = None) -> OpenRun:
 
 def write_eval_json(run_dir: str | Path, name: str, doc: Any) -> Path:
     """Write `eval/NAME` of a run atomically, first removing what killed writes left in `eval/`."""
-    folder = Path(run_dir) / "eval"
+    folder = eval_dir(run_dir)
     if folder.is_dir():
         remove_temp_files(folder)
     path = folder / name

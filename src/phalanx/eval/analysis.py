@@ -20,7 +20,7 @@ from phalanx.errors import UsageError
 from phalanx.eval.gradients import gaas, gradient_alignment, hadamard
 from phalanx.files import write_json_atomic
 from phalanx.models import Mixture
-from phalanx.runs import open_run
+from phalanx.runs import analysis_path, open_run
 
 # The GAL paper's Figure 5 uses k = 4, 25, 36, 64 with regular Hadamard matrices; none of order 25
 # exists (Hadamard orders are 1, 2 or multiples of 4), so 16 stands in for it (docs/fidelity.md)
@@ -37,10 +37,6 @@ GAAS_EPS: dict[DatasetName, tuple[float, ...]] = {
     DatasetName.IMAGE_FOLDER: (0.03, 0.06, 0.09),
 }
 COHERENCE_THRESHOLD = 0.5  # the summary's "strongly aligned" fraction: coherence above this
-
-
-def analysis_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "analysis" / "gradients.json"
 
 
 def coherence_summary(values: Sequence[float]) -> dict[str, float]:

@@ -40,7 +40,7 @@ from phalanx.files import (
     DamagedFileError, DamagedFileWarning, loads_checked, read_json, write_bytes_atomic, write_json_atomic,
 )
 from phalanx.models import Mixture
-from phalanx.runs import open_run, write_eval_json
+from phalanx.runs import eval_dir, open_run, write_eval_json
 
 FORMAT = "phalanx-transfer-set/1"
 
@@ -310,7 +310,7 @@ def evaluate_transfer(target_run_dir: str | Path, transfer_set_path: str | Path,
     records = transfer_records(run.mixture(), x, y, adversarial, source=source, seed=meta["seed"],
                                batch_size=batch_size)
     extra = []
-    whitebox_path = run_dir / "eval" / "whitebox.json"
+    whitebox_path = eval_dir(run_dir) / "whitebox.json"
     if whitebox_path.is_file():
         extra = check_whitebox_below_transfer(_whitebox_results(whitebox_path), records)
     sanity = apply_sanity_checks(records, extra=extra, white_box=False)

@@ -16,6 +16,7 @@ import yaml
 from phalanx.errors import UsageError
 from phalanx.eval.protocols import LABELS
 from phalanx.files import DamagedFileError, DamagedFileWarning, loads_checked, read_jsonl
+from phalanx.runs import analysis_path, config_path, eval_dir, metrics_path
 
 WHITE_BOX = "white-box"  # the `kind` of a white-box evaluation document
 
@@ -39,10 +40,10 @@ def read_run_data(run_dir: str | Path) -> RunData:
     if not path.is_dir():
         raise UsageError(f"run directory {str(path)!r} does not exist or is not a directory")
     missing: list[str] = []
-    config = _read_config(path / "config.yaml", missing)
-    metrics = _read_metrics(path / "metrics.jsonl", missing)
-    evals = _read_evals(path / "eval", missing)
-    analysis = _read_analysis(path / "analysis" / "gradients.json", missing)
+    config = _read_config(config_path(path), missing)
+    metrics = _read_metrics(metrics_path(path), missing)
+    evals = _read_evals(eval_dir(path), missing)
+    analysis = _read_analysis(analysis_path(path), missing)
     from phalanx.runs import warn_if_in_use
 
     last = max((int(m["epoch"]) for m in metrics), default=0)
