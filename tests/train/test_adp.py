@@ -11,7 +11,6 @@ import torch
 from phalanx.checkpoint import latest_checkpoint
 from phalanx.config import ConfigError, from_mapping, load_config
 from phalanx.data import dataset_info, load_dataset
-from phalanx.models import build_model
 from phalanx.presets import resolve_config_path
 from phalanx.runs import read_metrics
 from phalanx.train.adp import (
@@ -20,16 +19,12 @@ from phalanx.train.adp import (
 from phalanx.train.api import Batch
 from phalanx.train.optimization import lr_at
 from phalanx.train.registry import build_method
+from tests.toy import digit_members
 
 SPEC = dataset_info("digits").spec
 
 
-def _members(n: int):
-    out = []
-    for i in range(n):
-        torch.manual_seed(i)
-        out.append(build_model("conv", SPEC).train())
-    return out
+_members = digit_members
 
 
 def _digits(n: int):

@@ -9,20 +9,15 @@ import torch.nn.functional as F
 from phalanx.attacks import pgd
 from phalanx.config import ConfigError, from_mapping
 from phalanx.data import dataset_info, load_dataset
-from phalanx.models import build_model
 from phalanx.train.adversarial import Adversarial, AdversarialConfig, adversarial_examples
 from phalanx.train.api import Batch
 from phalanx.train.registry import build_method
+from tests.toy import digit_members
 
 SPEC = dataset_info("digits").spec
 
 
-def _members(n: int, seed: int = 0):
-    out = []
-    for i in range(n):
-        torch.manual_seed(seed * 100 + i)
-        out.append(build_model("conv", SPEC).train())
-    return out
+_members = digit_members
 
 
 def _digits(split: str = "train"):

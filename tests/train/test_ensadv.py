@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import pytest
@@ -10,10 +12,10 @@ from torch import nn
 
 from phalanx.config import ConfigError, from_mapping
 from phalanx.data import dataset_info
-from phalanx.models import build_model
 from phalanx.train.api import Batch
 from phalanx.train.ensadv import EnsAdv, EnsAdvConfig, EnsAdvGalConfig, draw_eps
 from phalanx.train.registry import build_method
+from tests.toy import digit_members
 
 SPEC = dataset_info("digits").spec
 RUNS = ("unused-run",)  # static models are injected, the run list is never read
@@ -29,12 +31,7 @@ def _linear_static(sign: float = 1.0) -> nn.Module:
     return lin
 
 
-def _members(n: int):
-    out = []
-    for i in range(n):
-        torch.manual_seed(i)
-        out.append(build_model("conv", SPEC, "leaky_relu").train())
-    return out
+_members = functools.partial(digit_members, activation="leaky_relu")
 
 
 def test_examples_come_from_the_static_model_only():

@@ -4,6 +4,8 @@ Eqs. 6-8 by hand are tested with the functions that compute them, in tests/test_
 
 from __future__ import annotations
 
+import functools
+
 import warnings
 
 import pytest
@@ -11,22 +13,17 @@ import torch
 
 from phalanx.config import ConfigError, from_mapping
 from phalanx.data import dataset_info, load_dataset
-from phalanx.models import build_model
 from phalanx.train.api import Batch
 from phalanx.data.batching import truncated_normal
 from phalanx.geometry import ce_input_gradients, coherence, pairwise_cosines
 from phalanx.train.gal import Gal, GalConfig, add_truncated_noise
 from phalanx.train.registry import build_method
+from tests.toy import digit_members
 
 SPEC = dataset_info("digits").spec
 
 
-def _members(n: int, activation: str = "leaky_relu", seed: int = 0):
-    out = []
-    for i in range(n):
-        torch.manual_seed(seed * 100 + i)
-        out.append(build_model("conv", SPEC, activation).train())
-    return out
+_members = functools.partial(digit_members, activation="leaky_relu")
 
 
 def _digits():

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from phalanx.config import ConfigError, from_mapping
 from phalanx.data import dataset_info, load_dataset
 from phalanx.eval.gdr import gradient_diversity_rating
-from phalanx.models import build_model
 from phalanx.train.api import Batch
 from phalanx.train.gdr import Gdr, GdrConfig
 from phalanx.train.registry import build_method
+from tests.toy import digit_members
 
 SPEC = dataset_info("digits").spec
 
 
-def _members(n: int):
-    out = []
-    for i in range(n):
-        torch.manual_seed(i)
-        out.append(build_model("conv", SPEC, "leaky_relu").train())
-    return out
+_members = functools.partial(digit_members, activation="leaky_relu")
 
 
 def test_loss_is_ce_plus_lambda_gdr_and_reaches_every_member():
