@@ -1,21 +1,17 @@
-"""R-FGSM, I-FGSM, MI-FGSM, PGD-CW and APGD on a small real task (4 classes of noisy 8x8 prototypes)."""
+"""R-FGSM, I-FGSM, MI-FGSM, PGD-CW and APGD: update rules by hand, APGD's schedule and strength,
+registry defaults and bad arguments. Their generic properties (threat model, accuracy, eps = 0,
+targeted, model state, a Mixture) run over the attack table in test_attacks.py."""
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
 from phalanx.attacks import (
-    ATTACKS,
-    AttackName,
     AttackSpec,
-    Norm,
     apgd,
     apgd_checkpoints,
     cw_objective,
@@ -26,141 +22,8 @@ from phalanx.attacks import (
     pgd,
     pgd_cw,
     rfgsm,
-    run_attack,
 )
-from phalanx.models import InputSpec, Mixture, ResNet
-
-CLASSES, SIZE = 4, 8
-
-
-def make_task(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    signs = 2 * torch.randint(0, 2, (CLASSES, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(3)) - 1
-    protos = 0.5 + 0.08 * signs
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, CLASSES, (n,), generator=g)
-    return (protos[y] + 0.1 * torch.randn(n, 1, SIZE, SIZE, generator=g)).clamp(0, 1), y
-
-
-def build_net(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                         nn.Dropout(0.1), nn.Linear(8 * SIZE * SIZE, CLASSES))
-
-
-@functools.cache
-def _state(seed: int) -> dict[str, torch.Tensor]:
-    model = build_net(seed)
-    x, y = make_task(seed + 100, 1024)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(100):
-        idx = torch.randint(0, len(y), (128,), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def trained(seed: int = 0) -> nn.Module:
-    model = build_net(seed)
-    model.load_state_dict(_state(seed))
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def net() -> nn.Module:
-    return trained(0)
-
-
-@pytest.fixture(scope="module")
-def task() -> tuple[torch.Tensor, torch.Tensor]:
-    return make_task(1, 200)
-
-
-@torch.no_grad()
-def acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((model(x).argmax(1) == y).float().mean())
-
-
-def dist(x_adv: torch.Tensor, x: torch.Tensor, norm: Norm) -> float:
-    d = (x_adv - x).flatten(1)
-    return float((d.abs().amax(1) if norm is Norm.LINF else d.norm(dim=1)).max())
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    norm: Norm
-    call: Callable[..., torch.Tensor]
-    medium: float
-    large: float
-
-
-def _gen(fn, **fixed):
-    def call(model, x, y, *, eps, targeted=False, seed=0):
-        kwargs = dict(fixed)
-        if fn in (rfgsm, pgd_cw, apgd):
-            kwargs["generator"] = torch.Generator().manual_seed(seed)
-        return fn(model, x, y, eps=eps, targeted=targeted, **kwargs)
-    return call
-
-
-CASES = [
-    Case("r-fgsm", Norm.LINF, _gen(rfgsm), 0.1, 0.5),
-    Case("r-fgsm-l2", Norm.L2, _gen(rfgsm, norm="l2"), 0.6, 4.0),
-    Case("i-fgsm", Norm.LINF, _gen(ifgsm), 0.05, 0.5),
-    Case("i-fgsm-l2", Norm.L2, _gen(ifgsm, norm="l2"), 0.3, 4.0),
-    Case("mi-fgsm", Norm.LINF, _gen(mifgsm), 0.05, 0.5),
-    Case("mi-fgsm-l2", Norm.L2, _gen(mifgsm, norm="l2"), 0.3, 4.0),
-    Case("pgd-cw", Norm.LINF, _gen(pgd_cw, steps=10), 0.05, 0.5),
-    Case("apgd-ce", Norm.LINF, _gen(apgd, steps=10), 0.05, 0.5),
-    Case("apgd-dlr", Norm.LINF, _gen(apgd, steps=10, loss="dlr"), 0.05, 0.5),
-    Case("apgd-ce-l2", Norm.L2, _gen(apgd, steps=10, norm="l2"), 0.3, 4.0),
-]
-by_name = pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-
-
-@by_name
-def test_in_the_threat_model_and_accuracy_drops(case, net, task):
-    x, y = task
-    x_before = x.clone()
-    clean = acc(net, x, y)
-    assert clean >= 0.95
-    for eps, bound in ((case.medium, clean - 0.1), (case.large, 0.05)):
-        x_adv = case.call(net, x, y, eps=eps)
-        assert x_adv.shape == x.shape and not x_adv.requires_grad
-        assert dist(x_adv, x, case.norm) <= eps + 1e-6
-        assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
-        assert acc(net, x_adv, y) <= bound, eps
-    assert torch.equal(x, x_before)
-
-
-@by_name
-def test_targeted_success_rises(case, net, task):
-    x, y = task
-    target = (y + 1) % CLASSES
-    x_adv = case.call(net, x, target, eps=2 * case.medium, targeted=True)
-    assert acc(net, x_adv, target) >= acc(net, x, target) + 0.5
-
-
-@by_name
-def test_model_mode_and_grads_are_left_as_found(case, task):
-    model = trained(0).train()
-    model[1].eval()
-    model[5].bias.requires_grad_(False)
-    sentinel = torch.full_like(model[0].weight, 7.0)
-    model[0].weight.grad = sentinel
-    stats = model[1].running_mean.clone()
-    flags = [p.requires_grad for p in model.parameters()]
-    modes = [m.training for m in model.modules()]
-    x, y = task
-    case.call(model, x[:32], y[:32], eps=case.medium)
-    assert [m.training for m in model.modules()] == modes
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert model[0].weight.grad is sentinel
-    assert all(p.grad is None for n, p in model.named_parameters() if n != "0.weight")
-    assert torch.equal(model[1].running_mean, stats)
-
+from tests.attacks.attack_table import accuracy as acc
 
 # --- update rules by hand -----------------------------------------------------------------------
 
@@ -246,8 +109,8 @@ def test_apgd_checkpoints_are_the_authors_whole_iteration_periods(steps, expecte
     assert apgd_checkpoints(steps) == expected
 
 
-def test_apgd_is_at_least_as_strong_as_pgd_with_the_same_budget(net, task):
-    x, y = task
+def test_apgd_is_at_least_as_strong_as_pgd_with_the_same_budget(net, test_set):
+    x, y = test_set
     eps, steps = 0.03, 10
     pgd_acc = acc(net, pgd(net, x, y, eps=eps, alpha=2.5 * eps / steps, steps=steps,
                            generator=torch.Generator().manual_seed(0)), y)
@@ -256,8 +119,8 @@ def test_apgd_is_at_least_as_strong_as_pgd_with_the_same_budget(net, task):
     assert apgd_acc <= pgd_acc
 
 
-def test_apgd_never_returns_a_worse_point_than_its_start(net, task):
-    x, y = task
+def test_apgd_never_returns_a_worse_point_than_its_start(net, test_set):
+    x, y = test_set
     start_fooled = acc(net, x, y)
     out = apgd(net, x, y, eps=0.03, steps=5, random_start=False)
     assert acc(net, out, y) <= start_fooled
@@ -289,19 +152,6 @@ def test_step_defaults_scale_with_eps(eps):
     assert AttackSpec("r-fgsm", eps).resolved_params()["alpha"] == pytest.approx(eps / 2)
 
 
-@pytest.mark.parametrize("name", [n for n in AttackName if n not in (AttackName.FGSM,)])
-def test_every_registered_attack_runs_and_stays_in_the_ball(name, net, task):
-    x, y = task
-    params = {"steps": 3} if "steps" in ATTACKS[name].tunable() else {}
-    params |= {"queries": 50} if "queries" in ATTACKS[name].tunable() else {}
-    spec = AttackSpec(name, 0.05 if "l2" not in name.value else 0.3, params)
-    model = Mixture([net, trained(1)]) if ATTACKS[name].ensemble_only else net
-    if name is AttackName.SGM:  # it refuses a model without residual blocks
-        model = ResNet(InputSpec(1, SIZE, CLASSES, (0.5,), (0.25,)), depth=8).eval()
-    x_adv = run_attack(spec, model, x[:16], y[:16], torch.Generator().manual_seed(0))
-    assert dist(x_adv, x[:16], Norm(spec.resolved_params()["norm"])) <= spec.budget() + 1e-6  # eps, or a report attack's reach
-
-
 BAD = [
     (lambda m, x, y: rfgsm(m, x, y, eps=0.1, alpha=0.2), r"alpha must be a number in \[0, eps\]"),
     (lambda m, x, y: mifgsm(m, x, y, eps=0.1, mu=-1.0), r"mu must be a number >= 0, got -1.0"),
@@ -315,7 +165,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("call,match", BAD, ids=[str(i) for i in range(len(BAD))])
-def test_bad_arguments_name_the_value(call, match, net, task):
-    x, y = task
+def test_bad_arguments_name_the_value(call, match, net, test_set):
+    x, y = test_set
     with pytest.raises(ValueError, match=match):
         call(net, x[:4], y[:4])

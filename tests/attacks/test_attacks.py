@@ -1,17 +1,14 @@
 """Every attack on a small real task: the threat model holds, accuracy drops, state is left alone.
 
-The task: 4 classes of 8x8 one-channel images, each a class prototype (pixels 0.5 +- 0.08) plus
-Gaussian noise. A small conv net learns it to ~100% clean accuracy in about a second, and is
-not robust (an undefended model).
+The generic properties run over the attack table (attack_table.py: one row per registered attack,
+built from the registry, plus a few variants); the task and its fixture nets live there too.
+Then the template's own behaviour (restarts, no_grad, BatchNorm), bad arguments and the registry.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,141 +17,127 @@ from hypothesis import strategies as st
 from torch import nn
 
 from phalanx.attacks import (
-    ATTACKS, AttackName, AttackSpec, Norm, attack_in_batches, fgsm, pgd, run_attack,
+    ATTACKS,
+    AttackEntry,
+    AttackName,
+    AttackSpec,
+    Norm,
+    attack_in_batches,
+    fgsm,
+    pgd,
+    run_attack,
 )
-from phalanx.models import Mixture
+from tests.attacks.attack_table import (
+    CLASSES,
+    EXCEPTIONS,
+    EXCLUDED,
+    SIZE,
+    TABLE,
+    VARIANTS,
+    accuracy,
+    assert_in_threat_model,
+    attacked,
+    missing_rule,
+    over,
+    train_net,
+)
 
-CLASSES, SIZE = 4, 8
+# --- the table covers the registry ------------------------------------------------------------------
 
-
-def make_task(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    signs = 2 * torch.randint(0, 2, (CLASSES, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(0)) - 1
-    protos = 0.5 + 0.08 * signs
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, CLASSES, (n,), generator=g)
-    return (protos[y] + 0.1 * torch.randn(n, 1, SIZE, SIZE, generator=g)).clamp(0, 1), y
-
-
-def train_net(seed: int) -> nn.Module:
-    """A fresh copy of the net trained from `seed` (trained once per seed)."""
-    return copy.deepcopy(_trained(seed))
-
-
-@functools.cache
-def _trained(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                          nn.Dropout(0.1), nn.Linear(8 * SIZE * SIZE, CLASSES))
-    x, y = make_task(seed + 100, 1024)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(100):
-        idx = torch.randint(0, len(y), (128,), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model.eval()
+def test_every_registered_attack_has_a_row_or_a_stated_exclusion():
+    """A newly registered attack gets a row from the rules of attack_table.py; where they have no rule
+    for it (its norm, a parameter), this fails naming it until a rule is added or it is EXCLUDED."""
+    rows = [row.name for row in TABLE if row not in VARIANTS]
+    assert len(rows) == len(set(rows)) and set(rows).isdisjoint(EXCLUDED)
+    assert all(reason.strip() for reason in EXCLUDED.values())
+    assert set(EXCEPTIONS) <= set(rows)  # no exception left for an attack without a row
+    assert {name.value: missing_rule(name) for name in AttackName if name not in {*rows, *EXCLUDED}} == {}
 
 
-@pytest.fixture(scope="module")
-def net() -> nn.Module:
-    return train_net(0)
+def test_an_attack_the_rules_cannot_run_is_named(monkeypatch):
+    entry = ATTACKS[AttackName.PGD_LINF]
+    monkeypatch.setitem(ATTACKS, AttackName.PGD_LINF, replace(entry, fixed={**entry.fixed, "norm": "l1"}))
+    assert "norm 'l1' has no eps scale" in missing_rule(AttackName.PGD_LINF)
+
+    def costly(model, x, y, *, eps, norm="linf", iterations=10_000):
+        return x
+
+    monkeypatch.setitem(ATTACKS, AttackName.PGD_LINF, AttackEntry(costly, fixed={"norm": Norm.LINF}))
+    assert "parameters ['iterations'] are in neither" in missing_rule(AttackName.PGD_LINF)
 
 
-@pytest.fixture(scope="module")
-def test_set() -> tuple[torch.Tensor, torch.Tensor]:
-    return make_task(1, 256)
+# --- generic properties, over the table ---------------------------------------------------------------
 
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((model(x).argmax(1) == y).float().mean())
-
-
-@dataclass(frozen=True)
-class Case:
-    """One row of the attack table: how to call it at a given eps, and its eps scale."""
-
-    name: str
-    norm: Norm
-    call: Callable[..., torch.Tensor]
-    medium: float  # eps where an undefended model loses part of its accuracy
-    large: float  # eps where it loses all of it
-
-
-def _pgd(norm: Norm, restarts: int = 1) -> Callable[..., torch.Tensor]:
-    def call(model, x, y, *, eps, targeted=False, generator=None):
-        return pgd(model, x, y, eps=eps, alpha=2.5 * eps / 10 if eps > 0 else 0.01, steps=10, norm=norm,
-                   restarts=restarts, targeted=targeted, generator=generator)
-    return call
-
-
-def _fgsm(norm: Norm) -> Callable[..., torch.Tensor]:
-    def call(model, x, y, *, eps, targeted=False, generator=None):
-        return fgsm(model, x, y, eps=eps, norm=norm, targeted=targeted)
-    return call
-
-
-CASES = [
-    Case("fgsm-linf", Norm.LINF, _fgsm(Norm.LINF), 0.05, 0.5),
-    Case("fgsm-l2", Norm.L2, _fgsm(Norm.L2), 0.3, 4.0),
-    Case("pgd-linf", Norm.LINF, _pgd(Norm.LINF), 0.05, 0.5),
-    Case("pgd-l2", Norm.L2, _pgd(Norm.L2), 0.3, 4.0),
-    Case("pgd-linf-restarts", Norm.LINF, _pgd(Norm.LINF, restarts=2), 0.05, 0.5),
-    Case("pgd-l2-restarts", Norm.L2, _pgd(Norm.L2, restarts=2), 0.3, 4.0),
-]
-by_name = pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-
-
-def distance(x_adv: torch.Tensor, x: torch.Tensor, norm: Norm) -> torch.Tensor:
-    d = (x_adv - x).flatten(1)
-    return d.abs().amax(1) if norm is Norm.LINF else d.norm(dim=1)
-
-
-def assert_in_threat_model(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm) -> None:
-    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
-    assert float(distance(x_adv, x, norm).max()) <= eps + 1e-6
-    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
-
-
-@by_name
+@over()
 @pytest.mark.parametrize("scale", ["medium", "large"])
-def test_threat_model_holds_and_input_is_untouched(case, scale, net, test_set):
-    x, y = test_set
-    x_before, eps = x.clone(), getattr(case, scale)
-    x_adv = case.call(net, x, y, eps=eps, generator=torch.Generator().manual_seed(0))
-    assert_in_threat_model(x_adv, x, eps, case.norm)
-    assert torch.equal(x, x_before)
+def test_threat_model_holds_and_input_is_untouched(row, scale):
+    x, _, x_adv, x_untouched = attacked(row, scale)
+    eps, budget = row.eps(scale), row.budget(row.eps(scale))
+    assert (budget == eps) is row.projected  # only an unprojected attack's reach exceeds eps
+    assert_in_threat_model(x_adv, x, budget, row.norm)
+    assert x_untouched
     assert not x_adv.requires_grad
 
 
-@by_name
-def test_accuracy_drops_and_vanishes_at_large_eps(case, net, test_set):
-    x, y = test_set
-    clean = accuracy(net, x, y)
+@over()
+def test_accuracy_drops_and_vanishes_at_large_eps(row):
+    model, medium, large = row.model(), attacked(row, "medium"), attacked(row, "large")
+    x, y = medium.x, medium.y
+    clean = accuracy(model, x, y)
     assert clean >= 0.95, "the fixture model did not learn the task"
-    medium, large = (accuracy(net, case.call(net, x, y, eps=eps, generator=torch.Generator().manual_seed(0)),
-                              y) for eps in (case.medium, case.large))
-    assert medium <= clean - 0.1
-    assert large <= 0.05
+    assert accuracy(model, medium.x_adv, y) <= clean - 0.1
+    assert accuracy(model, large.x_adv, y) <= 0.05
 
 
-@by_name
-def test_zero_eps_changes_nothing(case, net, test_set):
+@over()
+def test_zero_eps_changes_nothing(row, test_set):
     x, y = test_set
-    assert torch.equal(case.call(net, x, y, eps=0.0, generator=torch.Generator().manual_seed(0)), x)
+    assert torch.equal(row.run(row.model(), x, y, eps=0.0), x)
 
 
-@by_name
-def test_targeted_success_rises(case, net, test_set):
+@over(lambda row: row.targeted)
+def test_targeted_success_rises(row, test_set):
     x, y = test_set
-    target = (y + 1) % CLASSES
-    x_adv = case.call(net, x, target, eps=2 * case.medium, targeted=True,
-                      generator=torch.Generator().manual_seed(0))
-    before, after = accuracy(net, x, target), accuracy(net, x_adv, target)
+    model, target = row.model(), (y + 1) % CLASSES
+    x_adv = row.run(model, x, target, eps=2 * row.medium, targeted=True)
+    before, after = accuracy(model, x, target), accuracy(model, x_adv, target)
     assert after >= before + 0.5
 
+
+@over()
+def test_model_state_is_left_as_found(row, test_set):
+    """In train mode but its first BatchNorm in eval mode, its last parameter frozen, a .grad on its first:
+    modes, requires_grad, .grad and every parameter and buffer (BatchNorm statistics) as found."""
+    model = row.fresh_model().train()
+    next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).eval()
+    params = list(model.parameters())
+    params[-1].requires_grad_(False)
+    sentinel = torch.full_like(params[0], 7.0)
+    params[0].grad = sentinel
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in params]
+    modes = [m.training for m in model.modules()]
+    x, y = test_set
+    row.run(model, x[:32], y[:32], eps=row.medium)  # 32 examples: the state does not depend on them
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert params[0].grad is sentinel and bool((sentinel == 7.0).all())
+    assert all(p.grad is None for p in params[1:])
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+
+
+# ensemble-only rows attack the Mixture in every property above already
+@over(lambda row: not row.needs_mixture)
+def test_mixture_is_attacked_like_any_model(row, test_set):
+    x, y = test_set
+    mixture = row.mixture()
+    x_adv = row.run(mixture, x, y, eps=row.large)
+    assert_in_threat_model(x_adv, x, row.budget(row.large), row.norm)
+    assert accuracy(mixture, x, y) >= 0.95 and accuracy(mixture, x_adv, y) <= 0.05
+
+
+# --- the template ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("norm,eps", [(Norm.LINF, 0.05), (Norm.L2, 0.3)])
 def test_pgd_is_not_weaker_than_fgsm(norm, eps, net, test_set):
@@ -190,25 +173,6 @@ def test_random_start_is_reproducible_with_a_generator(net, test_set):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@by_name
-def test_model_state_is_left_as_found(case, test_set):
-    model = train_net(0).train()
-    model[1].eval()
-    model[5].bias.requires_grad_(False)
-    sentinel = torch.full_like(model[0].weight, 7.0)
-    model[0].weight.grad = sentinel
-    stats = model[1].running_mean.clone()
-    flags = [p.requires_grad for p in model.parameters()]
-    modes = [m.training for m in model.modules()]
-    x, y = test_set
-    case.call(model, x, y, eps=case.medium, generator=torch.Generator().manual_seed(0))
-    assert [m.training for m in model.modules()] == modes
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert model[0].weight.grad is sentinel and bool((sentinel == 7.0).all())
-    assert all(p.grad is None for name, p in model.named_parameters() if name != "0.weight")
-    assert torch.equal(model[1].running_mean, stats)
-
-
 def test_attack_uses_eval_mode_so_batchnorm_statistics_are_not_updated(test_set):
     model = train_net(0).train()
     stats = model[1].running_mean.clone()
@@ -222,19 +186,6 @@ def test_attacks_work_under_no_grad(net, test_set):
     with torch.no_grad():
         x_adv = pgd(net, x, y, eps=0.05, alpha=0.0125, steps=10)
     assert accuracy(net, x_adv, y) <= accuracy(net, x, y) - 0.1
-
-
-@pytest.fixture(scope="module")
-def mixture() -> Mixture:
-    return Mixture([train_net(1), train_net(2)])
-
-
-@by_name
-def test_mixture_is_attacked_like_any_model(case, mixture, test_set):
-    x, y = test_set
-    x_adv = case.call(mixture, x, y, eps=case.large, generator=torch.Generator().manual_seed(0))
-    assert_in_threat_model(x_adv, x, case.large, case.norm)
-    assert accuracy(mixture, x, y) >= 0.95 and accuracy(mixture, x_adv, y) <= 0.05
 
 
 # --- bad arguments ----------------------------------------------------------------------------
