@@ -14,7 +14,7 @@ import torch
 
 from phalanx.config import DataConfig
 from phalanx.data.batching import train_val_split
-from phalanx.data.loading import load_split
+from phalanx.data.loading import LoadedSplit, load_split
 
 
 @dataclass
@@ -45,13 +45,15 @@ def split_training_data(x: torch.Tensor, y: torch.Tensor, data: DataConfig, seed
 
 
 def load_training_data(data: DataConfig, seed: int) -> SplitData:
-    """The split of `data.dataset` read from disk (checked as every load is)."""
-    def load(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        loaded = load_split(data.dataset, split, data.root, download=data.download,
-                            allow_noncanonical=data.allow_noncanonical)
+    """The split of `data.dataset` read from disk (checked as every load is); `copy` is the
+    training files' (`LoadedSplit.copy`)."""
+    def load(split: str) -> LoadedSplit:
+        return load_split(data.dataset, split, data.root, download=data.download,
+                          allow_noncanonical=data.allow_noncanonical)
+
+    def test() -> tuple[torch.Tensor, torch.Tensor]:
+        loaded = load("test")
         return loaded.images, loaded.labels
 
-    train = load_split(data.dataset, "train", data.root, download=data.download,
-                       allow_noncanonical=data.allow_noncanonical)
-    split = split_training_data(train.images, train.labels, data, seed, lambda: load("test"))
-    return replace(split, copy=train.copy)
+    train = load("train")
+    return replace(split_training_data(train.images, train.labels, data, seed, test), copy=train.copy)
